@@ -1,0 +1,170 @@
+"""The converted models: per-architecture subclasses that route, save and load.
+
+`convert` turns a model into the MoSE subclass of its class. The subclass
+fills the routing state before each forward (padding, image tokens, skill
+labels, cached decoding), attaches the router losses to the output, and
+rebuilds its blocks from `config.mose` in `__init__`, so `save_pretrained` /
+`from_pretrained` round-trip with no missing or unexpected keys.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mose.arch import ARCHS, Arch
+from mose.config import MoSEConfig, TokenMoEConfig, config_from_dict, resolve_layers
+from mose.convert import inject
+from mose.layers.losses import skill_routing_loss
+from mose.routing import RoutingState, SkillChain, skill_chain_list, skill_label_tensor
+
+PREFIX = "mose_"
+
+
+class MoSEModelMixin:
+    """What a converted model adds to its transformers class."""
+
+    mose_state: RoutingState
+
+    def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        inject(self, self.mose_arch, config_from_dict(config.mose))
+
+    @property
+    def mose_config(self) -> MoSEConfig | TokenMoEConfig:
+        return config_from_dict(self.config.mose)
+
+    @property
+    def level_of_layer(self) -> dict[int, int]:
+        cfg = self.mose_config
+        if not isinstance(cfg, MoSEConfig):
+            raise TypeError("skill levels exist only in MoSE models, not in the token-MoE baseline")
+        layers = resolve_layers(cfg.layers, len(self.mose_arch.layers(self)))
+        return cfg.level_of_layers(layers)
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *args: Any,
+                skill_labels: Any = None, **kwargs: Any):
+        """The base forward, plus `skill_labels` to force routes (and get `router_loss`).
+
+        The output also carries `router_loss` (MoSE, when skill labels are given)
+        and `aux_loss` (token MoE: the mean load-balancing loss, before its coefficient).
+        """
+        cfg = self.mose_config
+        labels = self._skill_labels(skill_labels, cfg, input_ids, kwargs)
+        past = kwargs.get("past_key_values")
+        embeds = kwargs.get("inputs_embeds")
+        seq_len = (input_ids if input_ids is not None else embeds).shape[1]
+        self.mose_state.begin(
+            seq_len=seq_len,
+            attention_mask=attention_mask,
+            image_mask=self._image_mask(input_ids),
+            skill_labels=labels,
+            decoding=past is not None and past.get_seq_length() > 0,
+            decode_routing=getattr(cfg, "decode_routing", "once"),
+        )
+        output = super().forward(input_ids, attention_mask, *args, **kwargs)
+        state = self.mose_state
+        if labels is not None and state.router_logits:
+            output["router_loss"] = skill_routing_loss(
+                state.router_logits, self.level_of_layer, labels)
+        if state.aux_losses:
+            output["aux_loss"] = torch.stack(list(state.aux_losses.values())).mean()
+        return output
+
+    def skill_chains(self) -> list[SkillChain]:
+        """Per sample of the last forward or generate: the skill chosen at each level."""
+        return skill_chain_list(self.mose_state.routes, self.level_of_layer,
+                                self.mose_config.taxonomy)
+
+    def _skill_labels(self, skill_labels, cfg, input_ids, kwargs) -> torch.Tensor | None:
+        if skill_labels is None:
+            return None
+        if not isinstance(cfg, MoSEConfig):
+            raise ValueError("skill_labels apply to MoSE models, not to the token-MoE baseline")
+        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        return skill_label_tensor(skill_labels, cfg.taxonomy, reference.shape[0], reference.device)
+
+    def _image_mask(self, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+        ids = self.mose_arch.image_token_ids(self.config)
+        if input_ids is None or not ids:
+            return None
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))  # (B, T)
+
+
+@cache
+def mose_classes(arch: Arch) -> tuple[type, type]:
+    """The (config, model) subclasses for one architecture, made once."""
+    base_model = arch.model_class
+    base_config = base_model.config_class
+    config_class = type(
+        f"MoSE{base_config.__name__}",
+        (base_config,),
+        {"model_type": PREFIX + arch.name, "__annotations__": {"mose": dict | None},
+         "mose": None, "__module__": __name__},
+    )
+    model_class = type(
+        f"MoSE{base_model.__name__}",
+        (MoSEModelMixin, base_model),
+        {"config_class": config_class, "mose_arch": arch, "__module__": __name__,
+         "forward": _forward_with_signature_of(base_model.forward)},
+    )
+    globals()[config_class.__name__] = config_class  # importable by name, like any class
+    globals()[model_class.__name__] = model_class
+    return config_class, model_class
+
+
+def _forward_with_signature_of(base_forward):
+    """The mixin's forward, showing the base signature plus `skill_labels`.
+
+    generate() checks its kwargs against the forward's signature, so the
+    signature must name pixel_values and the rest, not just **kwargs.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return MoSEModelMixin.forward(self, *args, **kwargs)
+
+    signature = inspect.signature(base_forward)
+    params = list(signature.parameters.values())
+    var_keyword = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params.append(inspect.Parameter("skill_labels", inspect.Parameter.KEYWORD_ONLY, default=None))
+    forward.__signature__ = signature.replace(parameters=params + var_keyword)
+    forward.__doc__ = MoSEModelMixin.forward.__doc__
+    return forward
+
+
+def register_with_transformers() -> None:
+    """Let transformers' Auto classes load saved MoSE models (done at `import mose`)."""
+    from transformers import AutoConfig
+
+    for arch in ARCHS.values():
+        config_class, model_class = mose_classes(arch)
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        arch.auto_class.register(config_class, model_class, exist_ok=True)
+
+
+def from_pretrained(path: str | Path, **kwargs: Any):
+    """Load a saved MoSE or token-MoE model; unlike transformers, any missing or
+    unexpected weight is an error rather than a warning."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no config.json (not a saved model directory)")
+    model_type = json.loads(config_file.read_text()).get("model_type", "")
+    name = model_type.removeprefix(PREFIX)
+    if not model_type.startswith(PREFIX) or name not in ARCHS:
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is not a converted mose model; "
+            "load it with transformers and call mose.convert"
+        )
+    _, model_class = mose_classes(ARCHS[name])
+    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+    if problems:
+        raise ValueError(f"{path}: weights do not match the model: {problems}")
+    return model

@@ -1,0 +1,179 @@
+"""The per-forward routing context, and skill chains read back from it.
+
+An FFN never sees the attention mask, the input ids or the skill labels, and
+in cached decoding it sees one token at a time. The model therefore fills a
+`RoutingState` before each forward (which tokens are real, which are image
+tokens, forced skill labels, whether this forward continues a cached
+sequence), and the MoSE blocks leave in it what the caller needs afterwards:
+router logits for the skill loss, routes for skill chains, balance losses for
+the token-MoE baseline, and tokens per expert for analysis.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mose.skills.taxonomy import Taxonomy
+
+
+@dataclass
+class Route:
+    """The route of one MoSE layer for a batch: per sample, not per token."""
+
+    experts: torch.Tensor  # (B, k) long: chosen skill indices
+    weights: torch.Tensor  # (B, k): mixing weights of the chosen experts
+    probs: torch.Tensor  # (B, S) float32: router probabilities over the level's skills
+
+
+@dataclass
+class RoutingState:
+    token_mask: torch.Tensor | None = None  # (B, T) bool: real (non-padding) tokens
+    image_mask: torch.Tensor | None = None  # (B, T) bool: image tokens
+    skill_labels: torch.Tensor | None = None  # (B, L) long: forced skill per level
+    decoding: bool = False  # this forward continues a cached sequence
+    reuse_routes: bool = False  # decoding with "once" routing: keep the prompt's route
+    routes: dict[int, Route] = field(default_factory=dict)
+    running: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    router_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward only
+    aux_losses: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward only
+    tokens_per_expert: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward only
+
+    def begin(
+        self,
+        *,
+        seq_len: int,
+        attention_mask: torch.Tensor | None,
+        image_mask: torch.Tensor | None,
+        skill_labels: torch.Tensor | None,
+        decoding: bool,
+        decode_routing: str,
+    ) -> None:
+        """Set up for one forward pass over `seq_len` new tokens."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # During cached decoding the mask covers past + new tokens: keep the new ones.
+            self.token_mask = attention_mask[:, -seq_len:].bool()  # (B, T)
+        else:
+            self.token_mask = None
+        self.image_mask = image_mask
+        self.skill_labels = skill_labels
+        self.decoding = decoding
+        self.reuse_routes = decoding and decode_routing == "once"
+        if not decoding:
+            self.routes.clear()
+            self.running.clear()
+        self.router_logits.clear()
+        self.aux_losses.clear()
+        self.tokens_per_expert.clear()
+
+    def real_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T) float mask of real tokens for hidden states of shape (B, T, H)."""
+        if self.token_mask is None:
+            return hidden.new_ones(hidden.shape[:2], dtype=torch.float32)
+        if self.token_mask.shape != hidden.shape[:2]:
+            raise RuntimeError(
+                f"routing mask of shape {tuple(self.token_mask.shape)} does not match hidden "
+                f"states {tuple(hidden.shape[:2])}: call the model, not its layers, directly"
+            )
+        return self.token_mask.float()
+
+
+def skill_label_tensor(
+    labels: torch.Tensor | Sequence[Mapping[str, str] | None] | Mapping[str, torch.Tensor],
+    taxonomy: Taxonomy,
+    batch_size: int,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Skill labels in any accepted form → a checked (B, L) long tensor.
+
+    Accepted: a (B, L) tensor of skill indices; a list of B dicts
+    {level: skill} (missing levels are `general`); a dict {level: (B,) tensor}.
+    """
+    levels = taxonomy.levels
+    if isinstance(labels, Mapping):
+        unknown = set(labels) - set(taxonomy.level_names)
+        if unknown:
+            raise ValueError(f"skill_labels name unknown level(s) {sorted(unknown)}")
+        general = [level.index("general") for level in levels]
+        columns = [
+            torch.as_tensor(labels[level.name]) if level.name in labels
+            else torch.full((batch_size,), general[i], dtype=torch.long)
+            for i, level in enumerate(levels)
+        ]
+        labels = torch.stack(columns, dim=1)  # (B, L)
+    elif not isinstance(labels, torch.Tensor):
+        labels = taxonomy.encode_batch(list(labels))
+    labels = labels.long()
+    if labels.shape != (batch_size, len(levels)):
+        raise ValueError(
+            f"skill_labels has shape {tuple(labels.shape)}; expected ({batch_size}, {len(levels)}) "
+            f"for a batch of {batch_size} and levels {taxonomy.level_names}"
+        )
+    for i, level in enumerate(levels):
+        column = labels[:, i]
+        if (column < 0).any() or (column >= len(level.skills)).any():
+            raise ValueError(
+                f"skill_labels for level {level.name!r} hold index {column.tolist()}; "
+                f"valid: 0..{len(level.skills) - 1} ({', '.join(level.skills)})"
+            )
+    return labels.to(device) if device is not None else labels
+
+
+@dataclass(frozen=True)
+class SkillChoice:
+    """The skill chosen at one level, with its probability (mean over the level's layers)."""
+
+    level: str
+    skill: str
+    prob: float
+    layers: tuple[tuple[int, str, float], ...]  # (layer index, chosen skill, its probability)
+
+
+@dataclass(frozen=True)
+class SkillChain:
+    """One sample's explanation: the skill chosen at each level, in order."""
+
+    choices: tuple[SkillChoice, ...]
+
+    def as_dict(self) -> dict[str, str]:
+        return {choice.level: choice.skill for choice in self.choices}
+
+    def __str__(self) -> str:
+        return " → ".join(f"{c.level}: {c.skill} ({c.prob:.2f})" for c in self.choices)
+
+
+def skill_chain_list(
+    routes: Mapping[int, Route], level_of_layer: Mapping[int, int], taxonomy: Taxonomy
+) -> list[SkillChain]:
+    """Per sample, the skill chosen at each level, from the routes of the last forward.
+
+    A level's skill is the one its layers chose most often (ties go to the higher
+    mean probability); its probability is the mean router probability over those
+    layers.
+    """
+    if not routes:
+        raise RuntimeError("no routes recorded yet: run a forward pass or generate() first")
+    batch = next(iter(routes.values())).experts.shape[0]
+    chains = []
+    for b in range(batch):
+        choices = []
+        for level_idx, level in enumerate(taxonomy.levels):
+            layers = sorted(i for i, lv in level_of_layer.items() if lv == level_idx and i in routes)
+            picks = [(i, int(routes[i].experts[b, 0]), routes[i].probs[b]) for i in layers]
+            votes = Counter(skill for _, skill, _ in picks)
+
+            def mean_prob(skill: int, picks=picks) -> float:
+                return sum(float(probs[skill]) for _, _, probs in picks) / len(picks)
+
+            best = max(votes, key=lambda s: (votes[s], mean_prob(s)))
+            choices.append(SkillChoice(
+                level=level.name,
+                skill=level.skills[best],
+                prob=mean_prob(best),
+                layers=tuple((i, level.skills[s], float(p[s])) for i, s, p in picks),
+            ))
+        chains.append(SkillChain(tuple(choices)))
+    return chains

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny models and batches of images + text with padding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+import mose
+
+QUESTIONS = [
+    "what is ahead?",
+    "which object will cross the ego lane and what should the ego car do?",
+    "is the cone on the left?",
+    "describe the red box",
+]
+COLORS = ["red", "blue", "green", "yellow"]
+SIZES = [(56, 56), (112, 112), (56, 112), (84, 84)]
+
+
+def vl_batch(processor, indices, padding_side: str = "left", with_image: bool = True):
+    """Chat-formatted inputs for the chosen questions, each with its own image."""
+    messages = []
+    for i in indices:
+        content = ([{"type": "image"}] if with_image else []) + [
+            {"type": "text", "text": QUESTIONS[i]}]
+        messages.append([{"role": "user", "content": content}])
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+             for m in messages]
+    processor.tokenizer.padding_side = padding_side
+    images = [Image.new("RGB", SIZES[i], COLORS[i]) for i in indices] if with_image else None
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def text_batch(tokenizer, indices, padding_side: str = "left"):
+    tokenizer.padding_side = padding_side
+    return tokenizer([QUESTIONS[i] for i in indices], return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor) per kind, built once; tests deep-copy what they change."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = mose.tiny_model(kind, seed=0)
+        model, processor = cache[kind]
+        return copy.deepcopy(model), processor
+
+    return get
+
+
+def sharpen_routers(model, seed: int = 0, std: float = 2.0) -> None:
+    """Random, confident routers so that samples really take different routes."""
+    generator = torch.Generator().manual_seed(seed)
+    for block in mose_blocks(model):
+        with torch.no_grad():
+            weight = block.router.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+
+
+def mose_blocks(model):
+    from mose.layers import MoSEBlock, TokenMoEBlock
+
+    return [m for m in model.modules() if isinstance(m, MoSEBlock | TokenMoEBlock)]

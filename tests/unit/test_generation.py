@@ -1,0 +1,85 @@
+"""Route once: the prompt's route is kept for every generated token."""
+
+import pytest
+import torch
+
+import mose
+from conftest import mose_blocks, sharpen_routers, vl_batch
+
+
+def converted(tiny, **cfg):
+    model, processor = tiny("qwen2_vl")
+    model = mose.convert(model, mose.MoSEConfig(**cfg))
+    sharpen_routers(model)
+    return model, processor
+
+
+def count_router_calls(model) -> list[int]:
+    calls = [0]
+    for block in mose_blocks(model):
+        block.router.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def generate(model, inputs, n):
+    return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+def test_first_generated_token_equals_the_full_forward_argmax(tiny):
+    model, processor = converted(tiny)
+    inputs = vl_batch(processor, [0, 1, 2])
+    with torch.no_grad():
+        expected = model(**inputs).logits[:, -1].argmax(dim=-1)
+    tokens = generate(model, inputs, 1)[:, -1]
+    assert torch.equal(tokens, expected)
+
+
+def test_route_once_decodes_without_recomputing_routes(tiny):
+    model, processor = converted(tiny)
+    inputs = vl_batch(processor, [0, 1])
+    with torch.no_grad():
+        model(**inputs)
+    prompt_routes = {i: r.experts.clone() for i, r in model.mose_state.routes.items()}
+    calls = count_router_calls(model)
+    generate(model, inputs, 6)
+    assert calls[0] == len(prompt_routes)  # the prefill only: one call per MoSE layer
+    for layer, experts in prompt_routes.items():
+        assert torch.equal(model.mose_state.routes[layer].experts, experts)
+
+
+def test_running_routing_recomputes_every_step(tiny):
+    model, processor = converted(tiny, decode_routing="running")
+    calls = count_router_calls(model)
+    generate(model, vl_batch(processor, [0, 1]), 6)
+    assert calls[0] == 3 * 6  # three MoSE layers, prefill + 5 decode steps
+
+
+def test_route_once_generation_equals_uncached_greedy_decoding(tiny):
+    """Decoding with a cache and the prompt's route = re-running the full prompt
+    with the prompt's route forced at every step."""
+    model, processor = converted(tiny)
+    inputs = vl_batch(processor, [1])
+    generated = generate(model, inputs, 4)
+    with torch.no_grad():
+        model(**inputs)
+    forced = torch.stack([model.mose_state.routes[i].experts[:, 0]
+                          for i in sorted(model.mose_state.routes)], dim=1)  # (1, L)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    for _ in range(4):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, skill_labels=forced,
+                           use_cache=False, **extra).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+        mask = torch.cat([mask, mask[:, -1:]], dim=1)
+        types = extra["mm_token_type_ids"]  # (B, T): 0 marks a text token
+        extra["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(types[:, :1])], dim=1)
+    assert torch.equal(generated, ids)
+
+
+@pytest.mark.parametrize("cfg", [mose.MoSEConfig(modality_groups=True), mose.TokenMoEConfig()])
+def test_other_blocks_generate_like_the_dense_model(tiny, cfg):
+    model, processor = tiny("qwen2_vl")
+    inputs = vl_batch(processor, [0, 2])
+    dense = generate(model, inputs, 5)
+    assert torch.equal(generate(mose.convert(model, cfg), inputs, 5), dense)

@@ -1,0 +1,180 @@
+"""Per-sample routing: invariant to padding and batch mates, forceable, explainable."""
+
+import pytest
+import torch
+
+import mose
+from conftest import mose_blocks, sharpen_routers, vl_batch
+
+
+def converted(tiny, kind="qwen2_vl", **cfg):
+    model, processor = tiny(kind)
+    model = mose.convert(model, mose.MoSEConfig(**cfg))
+    sharpen_routers(model)
+    return model, processor
+
+
+def run(model, inputs, **kwargs):
+    with torch.no_grad():
+        out = model(**inputs, **kwargs)
+    routes = {i: r for i, r in model.mose_state.routes.items()}
+    return out, routes
+
+
+def real_logits(out, inputs, row):
+    mask = inputs["attention_mask"][row].bool()
+    return out.logits[row][mask]  # (real tokens, V)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_route_and_logits_ignore_batch_mates_padding_length_and_side(tiny, kind):
+    model, processor = converted(tiny, kind)
+    alone = vl_batch(processor, [0])
+    out_alone, routes_alone = run(model, alone)
+    variants = {
+        "left, short mate": (vl_batch(processor, [0, 2], "left"), 0),
+        "left, long mates": (vl_batch(processor, [3, 1, 0], "left"), 2),
+        "right, long mates": (vl_batch(processor, [1, 0, 3], "right"), 1),
+    }
+    for name, (inputs, row) in variants.items():
+        assert inputs["attention_mask"][row].min() == 0 or name == "left, short mate"
+        out, routes = run(model, inputs)
+        for layer, route in routes.items():
+            assert torch.equal(route.experts[row], routes_alone[layer].experts[0]), name
+            torch.testing.assert_close(route.probs[row], routes_alone[layer].probs[0],
+                                       atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(real_logits(out, inputs, row), out_alone.logits[0],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_samples_really_take_different_routes(tiny):
+    """Guards the invariance test: with sharpened routers, routes depend on the sample."""
+    model, processor = converted(tiny)
+    _, routes = run(model, vl_batch(processor, [0, 1, 2, 3]))
+    chosen = torch.cat([r.experts for r in routes.values()], dim=1)  # (B, layers)
+    assert len({tuple(row.tolist()) for row in chosen}) > 1
+
+
+def test_modality_groups_send_image_and_text_tokens_to_different_experts(tiny):
+    model, processor = converted(tiny, modality_groups=True)
+    inputs = vl_batch(processor, [0, 1])
+    _, routes = run(model, inputs)
+    image_ids = torch.tensor([model.config.image_token_id])
+    real = inputs["attention_mask"].bool()
+    images = torch.isin(inputs["input_ids"], image_ids) & real  # (B, T)
+    texts = ~torch.isin(inputs["input_ids"], image_ids) & real
+    for layer, route in routes.items():
+        counts = model.mose_state.tokens_per_expert[layer]
+        expected = torch.zeros_like(counts)
+        for b in range(2):
+            skill = int(route.experts[b, 0])
+            expected[2 * skill] += images[b].sum()  # the skill's image expert
+            expected[2 * skill + 1] += texts[b].sum()  # the skill's text expert
+        assert torch.equal(counts, expected)
+        assert counts[0::2].sum() == images.sum() > 0
+        assert counts[1::2].sum() == texts.sum() > 0
+
+
+def test_modality_groups_change_the_output_once_image_and_text_experts_differ(tiny):
+    model, processor = converted(tiny, modality_groups=True)
+    inputs = vl_batch(processor, [0])
+    before, _ = run(model, inputs)
+    for block in mose_blocks(model):
+        with torch.no_grad():
+            block.experts.down_proj[0::2].mul_(3.0)  # only the image experts
+    after, _ = run(model, inputs)
+    image = torch.isin(inputs["input_ids"][0], torch.tensor([model.config.image_token_id]))
+    changed = (after.logits[0] - before.logits[0]).abs().amax(dim=-1) > 1e-4  # (T,)
+    # Image positions change directly; text before the image is untouched by causality.
+    assert changed[image].all()
+    assert not changed[: int(image.nonzero()[0])].any()
+
+
+def test_forced_skill_labels_route_to_exactly_those_experts(tiny):
+    model, processor = converted(tiny)
+    inputs = vl_batch(processor, [0, 1, 2])
+    labels = [{"perception": "vru", "prediction": "crossing", "planning": "yield"},
+              {"perception": "obstacle"},
+              None]
+    out, routes = run(model, inputs, skill_labels=labels)
+    taxonomy = model.mose_config.taxonomy
+    expected = taxonomy.encode_batch(labels)  # (B, L)
+    for layer, level in model.level_of_layer.items():
+        assert torch.equal(routes[layer].experts[:, 0], expected[:, level])
+        tokens = model.mose_state.tokens_per_expert[layer]
+        real = inputs["attention_mask"].sum(dim=1)
+        for skill in range(len(taxonomy.levels[level].skills)):
+            assert tokens[skill] == real[expected[:, level] == skill].sum()
+    chains = model.skill_chains()
+    assert chains[0].as_dict() == {"perception": "vru", "prediction": "crossing",
+                                   "planning": "yield"}
+    assert chains[2].as_dict() == {"perception": "general", "prediction": "general",
+                                   "planning": "general"}
+    assert out.router_loss.item() > 0
+
+
+@pytest.mark.parametrize("labels, match", [
+    ([{"perception": "unicorn"}] * 2, "unknown skill 'unicorn'"),
+    ([{"reasoning": "general"}] * 2, "unknown level"),
+    ([{}], r"shape \(1, 3\); expected \(2, 3\)"),
+    (torch.tensor([[0, 0, 9], [0, 0, 0]]), "level 'planning' hold index"),
+])
+def test_wrong_skill_labels_raise(tiny, labels, match):
+    model, processor = converted(tiny)
+    with pytest.raises(ValueError, match=match):
+        model(**vl_batch(processor, [0, 1]), skill_labels=labels)
+
+
+def test_skill_labels_are_refused_by_the_token_moe_baseline(tiny):
+    model, processor = tiny("qwen2_vl")
+    model = mose.convert(model, mose.TokenMoEConfig())
+    with pytest.raises(ValueError, match="token-MoE"):
+        model(**vl_batch(processor, [0]), skill_labels=[{}])
+
+
+def test_skill_chain_reports_router_choice_and_probability_per_level_and_layer(tiny):
+    model, processor = converted(tiny)
+    _, routes = run(model, vl_batch(processor, [0, 1]))
+    chains = model.skill_chains()
+    taxonomy = model.mose_config.taxonomy
+    assert [c.level for c in chains[1].choices] == list(taxonomy.level_names)
+    for layer, level in model.level_of_layer.items():  # one layer per level here
+        choice = chains[1].choices[level]
+        skill = int(routes[layer].experts[1, 0])
+        assert choice.skill == taxonomy.levels[level].skills[skill]
+        assert choice.prob == pytest.approx(float(routes[layer].probs[1].max()))
+        assert choice.layers == ((layer, choice.skill, pytest.approx(choice.prob)),)
+    assert " → " in str(chains[1]) and "perception: " in str(chains[1])
+
+
+def test_router_learns_from_the_skill_loss_and_from_the_task_loss(tiny):
+    model, processor = converted(tiny)
+    inputs = vl_batch(processor, [0, 1])
+    out = model(**inputs, labels=inputs["input_ids"], skill_labels=[{"perception": "vru"}] * 2)
+    router = mose_blocks(model)[0].router
+    (skill_grad,) = torch.autograd.grad(out.router_loss, router.weight, retain_graph=True)
+    (task_grad,) = torch.autograd.grad(out.loss, router.weight)
+    assert skill_grad.abs().sum() > 0
+    assert task_grad.abs().sum() > 0  # renormalised top-1 weight keeps a gradient
+
+
+def test_token_moe_exposes_a_balance_loss_with_gradient(tiny):
+    model, processor = tiny("qwen2_vl")
+    model = mose.convert(model, mose.TokenMoEConfig(num_experts=4))
+    out = model(**vl_batch(processor, [0, 1]))
+    assert torch.isfinite(out.aux_loss) and out.aux_loss.item() > 0
+    (grad,) = torch.autograd.grad(out.aux_loss, mose_blocks(model)[0].router.weight)
+    assert grad.abs().sum() > 0
+
+
+def test_balance_loss_is_one_when_balanced_and_num_experts_when_collapsed():
+    from mose.layers import load_balancing_loss
+
+    uniform = torch.full((8, 4), 0.25)
+    spread = torch.arange(8).remainder(4)[:, None]  # (8, 1): two tokens per expert
+    assert load_balancing_loss(uniform, spread).item() == pytest.approx(1.0)
+    collapsed = torch.zeros(8, 4)
+    collapsed[:, 2] = 1.0
+    assert load_balancing_loss(collapsed, torch.full((8, 1), 2)).item() == pytest.approx(4.0)
+    mask = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0])  # padding does not count
+    assert load_balancing_loss(collapsed, torch.full((8, 1), 2), mask).item() == pytest.approx(4.0)
