@@ -37,7 +37,19 @@ class MoSEModelMixin:
 
     @property
     def mose_config(self) -> MoSEConfig | TokenMoEConfig:
-        return config_from_dict(self.config.mose)
+        """The conversion config, parsed once from `config.mose` (which is what is saved)."""
+        cached = self.__dict__.get("_mose_config_cache")
+        if cached is None or cached[0] is not self.config.mose:
+            cached = (self.config.mose, config_from_dict(self.config.mose))
+            self.__dict__["_mose_config_cache"] = cached
+        return cached[1]
+
+    def set_decode_routing(self, mode: str) -> None:
+        """"once" (keep the prompt's route while generating) or "running"; saved with the model."""
+        cfg = self.mose_config
+        if not isinstance(cfg, MoSEConfig):
+            raise TypeError("decode routing applies to MoSE models, not to the token-MoE baseline")
+        self.config.mose = MoSEConfig.from_dict({**cfg.to_dict(), "decode_routing": mode}).to_dict()
 
     @property
     def level_of_layer(self) -> dict[int, int]:
@@ -63,7 +75,7 @@ class MoSEModelMixin:
         self.mose_state.begin(
             seq_len=seq_len,
             attention_mask=attention_mask,
-            image_mask=self._image_mask(input_ids),
+            image_mask=self._image_mask(input_ids) if getattr(cfg, "modality_groups", False) else None,
             skill_labels=labels,
             decoding=past is not None and past.get_seq_length() > 0,
             decode_routing=getattr(cfg, "decode_routing", "once"),

@@ -27,6 +27,14 @@ class Route:
     experts: torch.Tensor  # (B, k) long: chosen skill indices
     weights: torch.Tensor  # (B, k): mixing weights of the chosen experts
     probs: torch.Tensor  # (B, S) float32: router probabilities over the level's skills
+    groups: list | None = None  # samples grouped by expert, made once, reused while decoding
+
+    def sample_groups(self) -> list:
+        if self.groups is None:
+            from mose.layers.experts import sample_groups
+
+            self.groups = sample_groups(self.experts)
+        return self.groups
 
 
 @dataclass
@@ -40,7 +48,9 @@ class RoutingState:
     running: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     router_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward only
     aux_losses: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward only
-    tokens_per_expert: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward only
+    # layer → (experts per token (B, T, k) or (N, k), real-token mask, number of experts);
+    # counted only when asked (`tokens_per_expert`), so decoding does not pay for it.
+    assignments: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
 
     def begin(
         self,
@@ -67,7 +77,16 @@ class RoutingState:
             self.running.clear()
         self.router_logits.clear()
         self.aux_losses.clear()
-        self.tokens_per_expert.clear()
+        self.assignments.clear()
+
+    @property
+    def tokens_per_expert(self) -> dict[int, torch.Tensor]:
+        """Layer → real tokens sent to each expert in the last forward, (E,) long."""
+        counts = {}
+        for layer, (experts, mask, num_experts) in self.assignments.items():
+            chosen = experts[mask.bool()].reshape(-1)
+            counts[layer] = torch.bincount(chosen, minlength=num_experts)
+        return counts
 
     def real_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T) float mask of real tokens for hidden states of shape (B, T, H)."""

@@ -49,6 +49,7 @@ def test_route_once_decodes_without_recomputing_routes(tiny):
 
 def test_running_routing_recomputes_every_step(tiny):
     model, processor = converted(tiny, decode_routing="running")
+    assert model.mose_config.decode_routing == "running"
     calls = count_router_calls(model)
     generate(model, vl_batch(processor, [0, 1]), 6)
     assert calls[0] == 3 * 6  # three MoSE layers, prefill + 5 decode steps
@@ -83,3 +84,15 @@ def test_other_blocks_generate_like_the_dense_model(tiny, cfg):
     inputs = vl_batch(processor, [0, 2])
     dense = generate(model, inputs, 5)
     assert torch.equal(generate(mose.convert(model, cfg), inputs, 5), dense)
+
+
+def test_decode_routing_can_be_switched_and_is_saved(tiny, tmp_path):
+    model, processor = converted(tiny)
+    model.set_decode_routing("running")
+    calls = count_router_calls(model)
+    generate(model, vl_batch(processor, [0]), 3)
+    assert calls[0] == 3 * 3
+    model.save_pretrained(tmp_path)
+    assert mose.from_pretrained(tmp_path).mose_config.decode_routing == "running"
+    with pytest.raises(ValueError, match="decode_routing"):
+        model.set_decode_routing("sometimes")

@@ -80,8 +80,8 @@ class MoSEBlock(nn.Module):
         if self.modality_groups:
             routed = self._by_modality(x, route)
         else:
-            routed = self.experts.by_sample(x, route.experts, route.weights)
-            self._count(route.experts[:, None, :].expand(-1, x.shape[1], -1))
+            routed = self.experts.by_sample(x, route.experts, route.weights, route.sample_groups())
+            self._record(route.experts[:, None, :].expand(-1, x.shape[1], -1))  # (B, T, k)
         return routed if self.shared_expert is None else routed + self.shared_expert(x)
 
     def _by_modality(self, x: torch.Tensor, route: Route) -> torch.Tensor:
@@ -93,17 +93,15 @@ class MoSEBlock(nn.Module):
         experts = route.experts[:, None, :] * 2 + is_text  # (B, T, k)
         weights = route.weights[:, None, :].expand(-1, seq, -1)  # (B, T, k)
         k = experts.shape[-1]
-        self._count(experts)
+        self._record(experts)
         routed = self.experts.by_token(
             x.reshape(-1, hidden), experts.reshape(-1, k), weights.reshape(-1, k))  # (B*T, H)
         return routed.view(batch, seq, hidden)
 
-    def _count(self, experts: torch.Tensor) -> None:
-        """Record real tokens per expert; experts: (B, T, k)."""
-        mask = self.state.real_tokens(experts).bool()  # (B, T)
-        chosen = experts[mask].reshape(-1)
-        self.state.tokens_per_expert[self.layer_idx] = torch.bincount(
-            chosen, minlength=self.experts.num_experts)
+    def _record(self, experts: torch.Tensor) -> None:
+        """Keep each token's experts, (B, T, k), for `state.tokens_per_expert`."""
+        mask = self.state.real_tokens(experts)  # (B, T)
+        self.state.assignments[self.layer_idx] = (experts, mask, self.experts.num_experts)
 
 
 class TokenMoEBlock(nn.Module):
@@ -127,7 +125,6 @@ class TokenMoEBlock(nn.Module):
         mask = self.state.real_tokens(x).reshape(-1)  # (N,)
         self.state.router_logits[self.layer_idx] = logits
         self.state.aux_losses[self.layer_idx] = load_balancing_loss(probs, experts, mask)
-        self.state.tokens_per_expert[self.layer_idx] = torch.bincount(
-            experts[mask.bool()].reshape(-1), minlength=self.experts.num_experts)
+        self.state.assignments[self.layer_idx] = (experts, mask, self.experts.num_experts)
         routed = self.experts.by_token(flat, experts, weights).view(batch, seq, hidden)
         return routed if self.shared_expert is None else routed + self.shared_expert(x)

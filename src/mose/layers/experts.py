@@ -37,28 +37,46 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on x of shape (..., H) → (..., H)."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (..., I) each
-        return F.linear(self.act_fn(gate) * up, self.down_proj[e])
+        return self._run(self.gate_up_proj[e], self.down_proj[e], x)
 
-    def by_sample(self, x: torch.Tensor, experts: torch.Tensor,
-                  weights: torch.Tensor) -> torch.Tensor:
+    def _run(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # (..., I) each
+        return F.linear(self.act_fn(gate) * up, down)
+
+    def _per_expert(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        # One unbind per call: its backward stacks the used experts' gradients once,
+        # where indexing per expert would build a full-size zero gradient per expert.
+        return self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+
+    def by_sample(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                  groups: list[list[tuple[int, torch.Tensor | None]]] | None = None) -> torch.Tensor:
         """Every token of a sample goes to the sample's experts.
 
         x: (B, T, H); experts, weights: (B, k). Samples are grouped by expert so
-        each expert runs once on whole sequences: no per-token gather.
+        each expert runs once on whole sequences: no per-token gather. `groups`
+        (from `sample_groups`) may be passed in to reuse one grouping across
+        decode steps.
         """
+        gate_up, down = self._per_expert()
+        groups = sample_groups(experts) if groups is None else groups
+        # Top-1 weights are exactly 1 in value; they matter only for the router's gradient.
+        top1 = len(groups) == 1
+        scale = weights.requires_grad or not top1
         out = None
-        for j in range(experts.shape[1]):
-            column, w = experts[:, j], weights[:, j]
-            for e in column.unique().tolist():
-                if column.numel() == 1 or bool((column == e).all()):
-                    y = self.expert(e, x) * w[:, None, None].to(x.dtype)  # (B, T, H)
+        for j, column in enumerate(groups):
+            for e, index in column:
+                rows = x if index is None else x.index_select(0, index)  # (n, T, H)
+                y = self._run(gate_up[e], down[e], rows)
+                if scale:
+                    w = weights[:, j] if index is None else weights.index_select(0, index)[:, j]
+                    y = y * w[:, None, None].to(x.dtype)
+                if index is None:  # the whole batch: no scatter
                     out = y if out is None else out + y
                     continue
-                rows = (column == e).nonzero().squeeze(1)  # (n,)
-                y = self.expert(e, x[rows]) * w[rows, None, None].to(x.dtype)  # (n, T, H)
-                out = torch.zeros_like(x) if out is None else out
-                out = out.index_add(0, rows, y)
+                if out is None:
+                    # Top-1 covers every sample exactly once: copy, no zero fill and add.
+                    out = torch.empty_like(x) if top1 else torch.zeros_like(x)
+                out = out.index_copy(0, index, y) if top1 else out.index_add(0, index, y)
         return out
 
     def by_token(self, x: torch.Tensor, experts: torch.Tensor,
@@ -68,16 +86,36 @@ class Experts(nn.Module):
         x: (N, H); experts, weights: (N, k). Token slots are sorted by expert so
         each expert runs once on a contiguous slice.
         """
+        gate_up, down = self._per_expert()
         k = experts.shape[1]
         slots = experts.reshape(-1)  # (N*k,)
         order = slots.argsort(stable=True)  # (N*k,)
         counts = torch.bincount(slots, minlength=self.num_experts).tolist()
         source = order // k  # (N*k,) token of each sorted slot
-        xs = x[source]  # (N*k, H)
+        xs = x.index_select(0, source)  # (N*k, H)
         chunks, start = [], 0
         for e, count in enumerate(counts):
             if count:
-                chunks.append(self.expert(e, xs[start:start + count]))
+                chunks.append(self._run(gate_up[e], down[e], xs[start:start + count]))
                 start += count
         ys = torch.cat(chunks) * weights.reshape(-1)[order, None].to(x.dtype)  # (N*k, H)
         return torch.zeros_like(x).index_add(0, source, ys)
+
+
+def sample_groups(experts: torch.Tensor) -> list[list[tuple[int, torch.Tensor | None]]]:
+    """Group samples by expert, per rank: [[(expert, sample index or None for all), ...], ...].
+
+    experts: (B, k). One device→host copy for the whole routing decision.
+    """
+    batch, k = experts.shape
+    chosen = experts.tolist()
+    groups = []
+    for j in range(k):
+        members: dict[int, list[int]] = {}
+        for b in range(batch):
+            members.setdefault(chosen[b][j], []).append(b)
+        groups.append([
+            (e, None if len(rows) == batch else torch.tensor(rows, device=experts.device))
+            for e, rows in members.items()
+        ])
+    return groups

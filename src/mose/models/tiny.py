@@ -137,8 +137,10 @@ def _text_config(tokenizer: PreTrainedTokenizerFast, **overrides: Any) -> dict[s
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    assert config["hidden_size"] // config["num_attention_heads"] == head_dim
     config.update(overrides)
+    if config["hidden_size"] // config["num_attention_heads"] != head_dim:
+        raise ValueError("tiny models keep head_dim 32 (their mrope sections): "
+                         "scale num_attention_heads with hidden_size")
     return config
 
 
@@ -153,16 +155,19 @@ def _vision_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 
 def _qwen2_vl(tokenizer, **text):
-    vision = dict(depth=2, embed_dim=32, hidden_size=128, num_heads=2, mlp_ratio=2)
-    config = Qwen2VLConfig(text_config=_text_config(tokenizer, **text), vision_config=vision,
+    text = _text_config(tokenizer, **text)
+    # The vision tower's output width is the language model's width.
+    vision = dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision,
                            **_vision_ids(tokenizer))
     return Qwen2VLForConditionalGeneration(config)
 
 
 def _qwen2_5_vl(tokenizer, **text):
+    text = _text_config(tokenizer, **text)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                  out_hidden_size=128, fullatt_block_indexes=[1], window_size=56)
-    config = Qwen2_5_VLConfig(text_config=_text_config(tokenizer, **text), vision_config=vision,
+                  out_hidden_size=text["hidden_size"], fullatt_block_indexes=[1], window_size=56)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
                               **_vision_ids(tokenizer))
     return Qwen2_5_VLForConditionalGeneration(config)
 

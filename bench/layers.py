@@ -1,0 +1,104 @@
+"""Layer benchmark: one FFN replacement against the dense FFN it came from.
+
+Widths keep Qwen2-VL-2B's FFN/hidden ratio (8960 / 1536 ≈ 5.8), scaled to fit
+the CPU; `--full` uses the real 2B widths (for a GPU). The ideal is the FLOP
+ratio: (1 + k) × dense for MoSE with a shared expert, k × dense for a token
+MoE without one.
+"""
+
+from __future__ import annotations
+
+import torch
+from common import device_line, medians, param_mib, parser, peak_memory, setup, table
+from transformers import Qwen2Config, Qwen2MoeConfig
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+from mose import MoSEConfig, TokenMoEConfig
+from mose.convert import _mose_block, _token_moe_block
+from mose.routing import RoutingState
+
+
+def build_variants(hidden: int, inter: int, device, dtype):
+    """name → (module, flop ideal vs dense, MoSE block or None)."""
+    torch.manual_seed(0)
+    dense = Qwen2MLP(Qwen2Config(hidden_size=hidden, intermediate_size=inter)).to(device, dtype)
+    variants = {"dense FFN": (dense, 1.0)}
+    for name, cfg, ideal in [
+        ("MoSE shared+top1", MoSEConfig(), 2.0),
+        ("MoSE groups shared+top1", MoSEConfig(modality_groups=True), 2.0),
+    ]:
+        variants[name] = (_mose_block(dense, cfg, RoutingState(), 0, 0), ideal)
+    for experts in (4, 8):
+        for shared in (False, True):
+            cfg = TokenMoEConfig(num_experts=experts, shared_expert=shared)
+            label = f"token MoE {experts}x1" + (" +shared" if shared else "")
+            variants[label] = (_token_moe_block(dense, cfg, RoutingState(), 0), 2.0 if shared else 1.0)
+        hf = Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(
+            hidden_size=hidden, moe_intermediate_size=inter, shared_expert_intermediate_size=inter,
+            num_experts=experts, num_experts_per_tok=1, norm_topk_prob=True)).to(device, dtype)
+        for p in hf.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        variants[f"HF Qwen2MoeSparseMoeBlock {experts}x1 +shared"] = (hf, 2.0)
+    return variants
+
+
+def prepare(module, x: torch.Tensor, num_skills: int = 5) -> None:
+    """Give a block its routing inputs: samples spread over skills, a quarter image tokens."""
+    state = getattr(module, "state", None)
+    if state is None:
+        return
+    batch, seq, _ = x.shape
+    state.begin(seq_len=seq, attention_mask=None, decoding=False, decode_routing="once",
+                image_mask=torch.arange(seq, device=x.device).expand(batch, -1) < seq // 4,
+                skill_labels=torch.arange(batch, device=x.device).remainder(num_skills)[:, None])
+
+
+def step(module, x: torch.Tensor, backward: bool):
+    def run():
+        if hasattr(module, "observe"):
+            module.observe(x)
+        out = module(x)
+        if backward:
+            module.zero_grad(set_to_none=True)  # as an optimizer step would leave them
+            out.float().sum().backward()
+        return out
+
+    return run
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--full", action="store_true", help="Qwen2-VL-2B widths: hidden 1536, FFN 8960")
+    args = p.parse_args()
+    device, dtype = setup(args)
+    hidden, inter = (1536, 8960) if args.full else (256, 1536)
+    shapes = [(8, 128), (4, 512), (8, 1)]
+    if args.quick:
+        shapes = [(4, 64), (8, 1)]
+    print(f"# Layer benchmark — hidden {hidden}, FFN {inter}; {device_line(device, dtype)}")
+    variants = build_variants(hidden, inter, device, dtype)
+    for batch, seq in shapes:
+        for backward in ((False, True) if seq > 1 else (False,)):
+            x = torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=backward)
+            for module, _ in variants.values():
+                module.requires_grad_(backward)
+                prepare(module, x)
+            runs = {name: step(m, x, backward) for name, (m, _) in variants.items()}
+            with torch.set_grad_enabled(backward):
+                times = medians(runs, device, args.repeats, args.warmup)
+                mem = {name: peak_memory(runs[name], device, list(m.parameters()))
+                       for name, (m, _) in variants.items()}
+            base = times["dense FFN"]
+            rows = [[name, f"{times[name] * 1e3:.2f}", times[name] / base, ideal,
+                     (times[name] / base) / ideal, f"{param_mib(m):.1f}", f"{mem[name]:.1f}"]
+                    for name, (m, ideal) in variants.items()]
+            mode = "forward+backward" if backward else "forward"
+            table(f"{mode}, batch {batch} × seq {seq}",
+                  ["variant", "ms", "× dense", "ideal ×", "÷ ideal", "params MiB",
+                   "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"], rows)
+
+
+if __name__ == "__main__":
+    with torch.inference_mode(False):
+        main()
