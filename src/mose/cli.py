@@ -2,13 +2,97 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.tree import Tree
 
 app = typer.Typer(help="Skill-by-skill Mixture-of-Experts for vision-language models.",
                   no_args_is_help=True, add_completion=False)
+world_app = typer.Typer(help="The procedural embodied world.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
 console = Console()
+
+
+def fail(error: Exception) -> None:
+    """Print a clear error and exit 2 (bad input), without a traceback."""
+    console.print(f"[red]error:[/red] {error}")
+    raise typer.Exit(2)
+
+
+def parse_weights(items: list[str]) -> dict[str, float]:
+    weights = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            weights[key] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--weight takes KEY=NUMBER, got {item!r}")
+    return weights
+
+
+@world_app.command("generate")
+def world_generate(
+    domain: str = typer.Option(..., help="driving or robot"),
+    n: int = typer.Option(..., help="number of samples"),
+    seed: int = typer.Option(0, help="the samples are a function of (seed, split, index)"),
+    out: Path = typer.Option(..., help="folder for SPLIT.jsonl and images/"),
+    split: str = typer.Option("train", help="salts the seeds: train and test never share a scene"),
+    weight: list[str] = typer.Option([], help="KEY=W relative frequency of a question kind or "
+                                     "object category (repeatable); e.g. cyclist=0.05 makes it rare"),
+) -> None:
+    """Generate image + question + answer samples with ground-truth skills."""
+    from mose.data import read_jsonl
+    from mose.data.world import generate, summary
+
+    try:
+        path = generate(domain, n, seed, out, split, parse_weights(weight), progress=True)
+    except ValueError as error:
+        fail(error)
+    counts = summary(list(read_jsonl(path)))
+    console.print(f"wrote {n} samples to {path}")
+    for name, counter in counts.items():
+        console.print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in counter.most_common()))
+
+
+@app.command()
+def annotate(
+    taxonomy: str = typer.Option(..., help="built-in name or YAML path"),
+    data: Path = typer.Option(..., help="sample-record JSONL to annotate"),
+    out: Path = typer.Option(..., help="annotated JSONL to write"),
+    rules: str | None = typer.Option(None, help="shipped rule set (coda-lm, robo2vlm, drivelm, "
+                                     "world-driving, world-robot) or a rules YAML"),
+    limit: int | None = typer.Option(None, help="annotate a random subset of this many samples"),
+    seed: int = typer.Option(0, help="seed of the --limit subset"),
+) -> None:
+    """Label samples with one skill per level, and report each rule's coverage."""
+    from mose.data import DataError, read_jsonl, write_jsonl
+    from mose.skills.rules import RuleAnnotator
+
+    if rules is None:
+        fail(ValueError("give --rules (a shipped rule set or a YAML file)"))
+    try:
+        annotator = RuleAnnotator.load(rules, taxonomy)
+        samples = list(read_jsonl(data))
+        if limit is not None and limit < len(samples):
+            keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
+            samples = [samples[i] for i in keep]
+        labelled, coverage = annotator.annotate(samples)
+        write_jsonl(out, labelled)
+    except (ValueError, DataError) as error:
+        fail(error)
+    table = Table("rule", "samples", title=f"coverage of {len(labelled)} samples")
+    for name, count in coverage.by_rule.most_common():
+        table.add_row(name, str(count))
+    for level, count in coverage.general.items():
+        table.add_row(f"[dim]{level}: fell to general[/dim]", str(count))
+    console.print(table)
+    console.print(f"wrote {out}")
 
 
 @app.command()
@@ -35,3 +119,7 @@ def version() -> None:
     from mose import __version__
 
     console.print(__version__)
+
+
+if __name__ == "__main__":
+    app()

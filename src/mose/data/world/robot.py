@@ -1,0 +1,189 @@
+"""Procedural tabletop scenes: coloured objects, a gripper (open or closed) and a
+green target zone, asked as Robo2VLM-style multiple choice (4-way yes/no, 5-way
+otherwise, some answered by "None of the above") at the three levels of the
+`robot` taxonomy.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+from mose.data.schema import Sample
+from mose.data.world.common import IMAGE_SIZE, arrow, multiple_choice, weighted
+
+SHAPES = ("cube", "ball", "cup")
+COLORS = {"red": "#d22", "green": "#2a2", "blue": "#26d", "yellow": "#dc2"}
+YES_NO = ["Yes", "No", "Cannot be determined", "Not applicable"]
+NONE = "None of the above"
+MOVES = {"move left": (-1, 0), "move right": (1, 0), "move forward": (0, -1),
+         "move backward": (0, 1)}
+QUESTION_KINDS = ("gripper_open", "object_color", "closest", "task_success", "grasp_stable",
+                  "graspable", "next_move", "place_move", "trajectory")
+# question kind → (task, {level: skill}) — the ground truth the rules must recover
+SKILLS = {
+    "gripper_open": ("perception", {"perception": "gripper"}),
+    "object_color": ("perception", {"perception": "object"}),
+    "closest": ("perception", {"perception": "spatial"}),
+    "task_success": ("interpretation", {"perception": "spatial", "interpretation": "task_state"}),
+    "grasp_stable": ("interpretation", {"perception": "gripper", "interpretation": "physics"}),
+    "graspable": ("interpretation", {"perception": "spatial", "interpretation": "affordance"}),
+    "next_move": ("planning", {"perception": "spatial", "interpretation": "affordance",
+                               "planning": "grasp"}),
+    "place_move": ("planning", {"perception": "spatial", "interpretation": "task_state",
+                                "planning": "place"}),
+    "trajectory": ("planning", {"perception": "gripper", "planning": "trajectory"}),
+}
+
+
+@dataclass
+class Thing:
+    shape: str
+    color: str
+    x: int
+    y: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass
+class Scene:
+    things: list[Thing]
+    gripper: tuple[int, int]
+    gripper_open: bool
+    target: tuple[int, int]  # centre of the 24 × 24 target zone
+    arrow: tuple[int, int] | None = None
+
+    def holding(self) -> Thing | None:
+        """The object under a closed gripper."""
+        return None if self.gripper_open else self.under_gripper()
+
+    def under_gripper(self) -> Thing | None:
+        gx, gy = self.gripper
+        return next((t for t in self.things if abs(t.x - gx) <= 6 and abs(t.y - gy) <= 6), None)
+
+    def in_target(self, thing: Thing) -> bool:
+        return abs(thing.x - self.target[0]) <= 12 and abs(thing.y - self.target[1]) <= 12
+
+
+def _grid(rng: random.Random, count: int) -> list[tuple[int, int]]:
+    """Distinct cell centres on a 4 × 4 grid (28 px cells), so objects never overlap."""
+    cells = rng.sample(range(16), count)
+    return [(14 + 28 * (c % 4), 14 + 28 * (c // 4)) for c in cells]
+
+
+def _scene(rng: random.Random) -> Scene:
+    count = rng.randint(2, len(SHAPES))
+    spots = _grid(rng, count + 1)
+    # One object per shape, so "the cube" always names one object.
+    things = [Thing(shape, rng.choice(list(COLORS)), x, y)
+              for shape, (x, y) in zip(rng.sample(SHAPES, count), spots, strict=False)]
+    target = spots[-1]
+    if rng.random() < 0.4:  # gripper right over an object
+        holder = rng.choice(things)
+        gripper = (holder.x, holder.y)
+    else:
+        gripper = _grid(rng, 1)[0]
+    return Scene(things, gripper, rng.random() < 0.5, target)
+
+
+def _direction(dx: int, dy: int) -> str:
+    """The move (one axis, the larger) that brings the gripper closer."""
+    if abs(dx) >= abs(dy):
+        return "move right" if dx > 0 else "move left"
+    return "move backward" if dy > 0 else "move forward"
+
+
+def render(scene: Scene) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "#d9c7a3")  # table
+    draw = ImageDraw.Draw(image)
+    tx, ty = scene.target
+    draw.rectangle([tx - 12, ty - 12, tx + 12, ty + 12], outline="#0a0", width=2)
+    for t in scene.things:
+        box = [t.x - 6, t.y - 6, t.x + 6, t.y + 6]
+        if t.shape == "ball":
+            draw.ellipse(box, fill=COLORS[t.color])
+        elif t.shape == "cup":
+            draw.rectangle([t.x - 5, t.y - 6, t.x + 5, t.y + 6], fill=COLORS[t.color], outline="#333")
+        else:
+            draw.rectangle(box, fill=COLORS[t.color])
+    gx, gy = scene.gripper
+    spread = 9 if scene.gripper_open else 5
+    draw.line([(gx - spread, gy - 10), (gx - spread, gy + 4)], fill="#444", width=3)  # fingers
+    draw.line([(gx + spread, gy - 10), (gx + spread, gy + 4)], fill="#444", width=3)
+    draw.line([(gx - spread, gy - 10), (gx + spread, gy - 10)], fill="#444", width=3)
+    if scene.arrow:
+        arrow(draw, gx, gy, *scene.arrow, color="#f0f", length=16)
+    return image
+
+
+def _ask(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, list[str]]:
+    """(question, correct answer, distractors) for one question kind."""
+    thing = rng.choice(scene.things)
+    names = [t.name for t in scene.things]
+    others = [f"{c} {s}" for s in SHAPES for c in COLORS]
+    yes = {True: "Yes", False: "No"}
+    if kind == "gripper_open":
+        return "Is the robot's gripper open?", yes[scene.gripper_open], YES_NO
+    if kind == "object_color":
+        return f"What color is the {thing.shape}?", thing.color, list(COLORS)
+    if kind == "closest":
+        gx, gy = scene.gripper
+        nearest = min(scene.things, key=lambda t: (t.x - gx) ** 2 + (t.y - gy) ** 2)
+        return ("Which object is CLOSEST to the robot's end effector?", nearest.name, names + others)
+    if kind == "task_success":
+        return (f"Has the robot successfully completed the task of putting the {thing.name} "
+                "in the green target?", yes[scene.in_target(thing)], YES_NO)
+    if kind == "grasp_stable":
+        held = scene.holding()
+        subject = held or thing
+        return f"Is the grasp of the {subject.name} stable?", yes[held is subject], YES_NO
+    if kind == "graspable":
+        under = scene.under_gripper()
+        answer = under.name if under and scene.gripper_open else NONE
+        return "Which object can the robot grasp without moving its arm?", answer, names + others
+    if kind == "next_move":
+        gx, gy = scene.gripper
+        if (thing.x, thing.y) == scene.gripper:
+            answer = "close the gripper" if scene.gripper_open else "lift the object"
+        else:
+            answer = _direction(thing.x - gx, thing.y - gy)
+        distractors = [*MOVES, "close the gripper", "lift the object"]
+        return f"To pick up the {thing.name}, what should the robot do next?", answer, distractors
+    if kind == "place_move":
+        held = scene.holding() or thing
+        dx, dy = scene.target[0] - held.x, scene.target[1] - held.y
+        answer = "release the object" if scene.in_target(held) else _direction(dx, dy)
+        return (f"The robot must place the {held.name} in the green target. Which way should it "
+                "move?", answer, [*MOVES, "release the object"])
+    move = rng.choice(list(MOVES))
+    scene.arrow = MOVES[move]
+    return ("The magenta arrow shows the direction the robot will move next. Which is it?", move,
+            [*MOVES, "stay still"])
+
+
+def make_sample(rng: random.Random, sample_id: str, image_path: str,
+                weights: Mapping[str, float]) -> tuple[Sample, Image.Image]:
+    scene = _scene(rng)
+    kind = weighted(rng, QUESTION_KINDS, weights)
+    question, answer, distractors = _ask(rng, scene, kind)
+    yes_no = distractors is YES_NO
+    size = 4 if yes_no else 5
+    if not yes_no and answer != NONE and rng.random() < 0.2:
+        # About a fifth of 5-way items: the right answer is left out.
+        distractors = [d for d in distractors if d != answer]
+        answer = NONE
+    choices, correct = multiple_choice(rng, answer, [*distractors, NONE] if not yes_no else distractors,
+                                       size)
+    task, skills = SKILLS[kind]
+    full_skills = {"perception": "general", "interpretation": "general", "planning": "general", **skills}
+    meta = {"domain": "robot", "question_kind": kind, "gripper_open": scene.gripper_open,
+            "objects": [t.name for t in scene.things]}
+    sample = Sample(id=sample_id, images=[image_path], question=question, answer=answer, task=task,
+                    choices=choices, correct=correct, skills=full_skills, meta=meta)
+    return sample, render(scene)

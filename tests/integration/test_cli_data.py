@@ -1,0 +1,38 @@
+"""The data commands end to end, as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def mose(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "mose.cli", *args], capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_world_generate_then_annotate_a_subset(tmp_path):
+    out = mose("world", "generate", "--domain", "driving", "--n", "60", "--seed", "3",
+               "--out", str(tmp_path), "--weight", "cyclist=0.1")
+    assert "wrote 60 samples" in out.stdout
+    annotated = tmp_path / "labelled.jsonl"
+    out = mose("annotate", "--taxonomy", "driving", "--data", str(tmp_path / "train.jsonl"),
+               "--out", str(annotated), "--rules", "world-driving", "--limit", "25", "--seed", "1")
+    assert "coverage of 25 samples" in out.stdout and "fell to general" in out.stdout
+    records = [json.loads(line) for line in annotated.read_text().splitlines()]
+    assert len(records) == 25 and all(r["skills"] for r in records)
+    assert all((tmp_path / r["images"][0]).is_file() for r in records)
+
+
+@pytest.mark.slow
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "x", "images": [], "question": "q", "choices": "a|b"}\n')
+    out = mose("annotate", "--taxonomy", "driving", "--data", str(data), "--out",
+               str(tmp_path / "o.jsonl"), "--rules", "world-driving", check=False)
+    assert out.returncode == 2 and "record x, field 'choices'" in out.stdout
+    assert not (tmp_path / "o.jsonl").exists()
