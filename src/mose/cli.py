@@ -14,6 +14,8 @@ app = typer.Typer(help="Skill-by-skill Mixture-of-Experts for vision-language mo
                   no_args_is_help=True, add_completion=False)
 world_app = typer.Typer(help="The procedural embodied world.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
+data_app = typer.Typer(help="Benchmark data in its public formats.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console()
 
 
@@ -58,6 +60,34 @@ def world_generate(
     console.print(f"wrote {n} samples to {path}")
     for name, counter in counts.items():
         console.print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in counter.most_common()))
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Path = typer.Argument(..., help="CODA-LM split folder, Robo2VLM parquet file or folder, "
+                               "DriveLM JSON, or sample JSONL"),
+    out: Path = typer.Argument(..., help="sample-record JSONL to write"),
+    format: str = typer.Option(..., "--format", help="coda-lm, robo2vlm, drivelm or jsonl"),
+    images: Path | None = typer.Option(None, help="image root: CODA2022 for coda-lm, nuScenes for "
+                                       "drivelm"),
+    skip_bad: bool = typer.Option(False, help="skip bad records and count them, instead of stopping"),
+) -> None:
+    """Convert a public benchmark to mose's sample records."""
+    from mose.data import DataError
+    from mose.data.loaders import convert_dataset
+
+    try:
+        report = convert_dataset(format, src, out, images, skip_bad)
+    except (ValueError, DataError) as error:
+        fail(error)
+    table = Table("task", "records", title=f"wrote {report.written} records to {out}")
+    for task, count in report.tasks.most_common():
+        table.add_row(task, str(count))
+    if report.skipped:
+        table.add_row("[yellow]skipped (bad)[/yellow]", str(len(report.skipped)))
+    console.print(table)
+    for problem in report.skipped[:5]:
+        console.print(f"  [yellow]skipped:[/yellow] {problem}")
 
 
 @app.command()

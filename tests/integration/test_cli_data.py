@@ -36,3 +36,21 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path):
                str(tmp_path / "o.jsonl"), "--rules", "world-driving", check=False)
     assert out.returncode == 2 and "record x, field 'choices'" in out.stdout
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_data_convert_prints_records_per_task_and_skips_bad_ones(tmp_path):
+    from formats import robo2vlm
+
+    rows = [{"id": "a", "question": "Is the robot's gripper open?", "choices": "['Yes', 'No', 'x', 'y']",
+             "correct_answer": 0},
+            {"id": "b", "question": "q", "choices": "not a list", "correct_answer": 0}]
+    shard = robo2vlm(tmp_path / "shards" / "part-0.parquet", rows)
+    out = tmp_path / "robo.jsonl"
+    failed = mose("data", "convert", "--format", "robo2vlm", str(shard.parent), str(out), check=False)
+    assert failed.returncode == 2 and "record b, field 'choices'" in failed.stdout
+    assert not out.exists()
+    result = mose("data", "convert", "--format", "robo2vlm", "--skip-bad", str(shard.parent), str(out))
+    assert "wrote 1 records" in result.stdout and "robo2vlm" in result.stdout
+    assert "skipped (bad)" in result.stdout
+    assert (tmp_path / "robo_images").is_dir()

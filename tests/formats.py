@@ -1,0 +1,99 @@
+"""Small fixtures written in the public benchmarks' real formats."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from PIL import Image
+
+
+def jpeg(path: Path, size=(64, 48), color="gray") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format="JPEG")
+    return path
+
+
+def coda_lm(root: Path) -> tuple[Path, Path]:
+    """(CODA-LM/Test folder, CODA2022 root) with one annotated image and two regions."""
+    images = root / "CODA2022"
+    jpeg(images / "test" / "images" / "0001.jpg")
+    split = root / "CODA-LM" / "Test"
+    split.mkdir(parents=True)
+    annotation = {
+        "general_perception": {
+            "vehicles": [{"description": "a white truck ahead", "explanation": "blocks the lane"}],
+            "vulnerable_road_users": [],
+            "traffic signs": [], "traffic lights": [],
+            "traffic cones": [{"description": "three cones", "explanation": "narrow the road"}],
+            "barriers": [], "other objects": [],
+            "description and explanation": "A truck and cones narrow the lane ahead.",
+        },
+        "region_perception": {
+            "1": {"description and explanation": "A pedestrian waits at the curb.",
+                  "box": [10.0, 8.0, 12.5, 20.0], "category_name": "pedestrian"},
+            "2": {"description and explanation": "Orange traffic cones mark road work.",
+                  "box": [30.0, 20.0, 10.0, 10.0], "category_name": "traffic_cone"},
+        },
+        "driving_suggestion": "Slow down and change lanes to pass the cones with caution.",
+    }
+    (split / "test_0001.json").write_text(json.dumps(annotation))
+    return split, images
+
+
+def coda_lm_old(root: Path) -> Path:
+    split = root / "old"
+    split.mkdir(parents=True)
+    (split / "test_0001.json").write_text(json.dumps(
+        {"vehicles": [], "traffic cones": [], "suggestions": ["slow down"]}))
+    return split
+
+
+def robo2vlm(path: Path, rows: list[dict] | None = None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "blue").save(buffer, format="PNG")
+    image = {"bytes": buffer.getvalue(), "path": None}
+    rows = rows or [
+        {"id": "ep1_q0", "question": "Is the robot's gripper open?",
+         "choices": '["Yes", "No", "Cannot be determined", "Not applicable"]', "correct_answer": 1},
+        {"id": "ep1_q1", "question": "Which object is CLOSEST to the camera?",
+         "choices": "['cup', 'bowl', 'block', 'sponge', 'None of the above']", "correct_answer": 4},
+    ]
+    table = pa.Table.from_pylist([{**r, "image": image} for r in rows])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def drivelm(root: Path) -> tuple[Path, Path]:
+    """(DriveLM JSON, nuScenes root) with one key frame and QAs at every stage."""
+    nuscenes = root / "nuscenes"
+    cameras = {}
+    for cam in ("CAM_FRONT", "CAM_BACK"):
+        jpeg(nuscenes / "samples" / cam / f"{cam.lower()}.jpg")
+        cameras[cam] = f"../nuscenes/samples/{cam}/{cam.lower()}.jpg"
+    qa = {
+        "perception": [{"Q": "What are the important objects? <c1,CAM_FRONT,258.3,442.5>",
+                        "A": "There is a pedestrian crossing.", "C": None, "con_up": None,
+                        "con_down": None, "cluster": None, "layer": None, "tag": [0]}],
+        "prediction": [{"Q": "Is <c1,CAM_FRONT,258.3,442.5> going to cross the road?",
+                        "A": "Yes.", "tag": [0]}],
+        "planning": [{"Q": "What should the ego vehicle do?", "A": "Slow down and yield.",
+                      "tag": [1]}],
+        "behavior": [{"Q": "Predict the behavior of the ego vehicle.",
+                      "A": "The ego vehicle is going straight. The ego vehicle is driving slowly.",
+                      "tag": [5]}],
+    }
+    data = {"scene_a": {"scene_description": "busy street", "key_frames": {"frame_1": {
+        "key_object_infos": {"<c1,CAM_FRONT,258.3,442.5>": {
+            "Category": "Pedestrian", "Status": "Moving", "Visual_description": "adult",
+            "2d_bbox": [200.0, 400.0, 300.0, 480.0]}},
+        "QA": qa, "image_paths": cameras}}}}
+    path = root / "drivelm" / "v1_train.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(data))
+    return path, nuscenes
