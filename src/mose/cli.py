@@ -99,30 +99,66 @@ def annotate(
                                      "world-driving, world-robot) or a rules YAML"),
     limit: int | None = typer.Option(None, help="annotate a random subset of this many samples"),
     seed: int = typer.Option(0, help="seed of the --limit subset"),
+    llm_base_url: str | None = typer.Option(None, help="OpenAI-compatible endpoint for what the "
+                                            "rules leave undecided (all samples without --rules)"),
+    llm_model: str | None = typer.Option(None, help="model name at that endpoint"),
+    llm_key_env: str = typer.Option("OPENAI_API_KEY", help="environment variable holding the key"),
+    llm_cache: Path | None = typer.Option(None, help="reply cache (default: OUT.llm-cache.jsonl); "
+                                          "a rerun asks only what is not in it"),
+    llm_images: bool = typer.Option(True, help="send images (for endpoints that take them)"),
 ) -> None:
     """Label samples with one skill per level, and report each rule's coverage."""
     from mose.data import DataError, read_jsonl, write_jsonl
-    from mose.skills.rules import RuleAnnotator
+    from mose.endpoint import EndpointError
 
-    if rules is None:
-        fail(ValueError("give --rules (a shipped rule set or a YAML file)"))
+    if rules is None and llm_base_url is None:
+        fail(ValueError("give --rules, --llm-base-url with --llm-model, or both"))
+    if (llm_base_url is None) != (llm_model is None):
+        fail(ValueError("--llm-base-url and --llm-model go together"))
     try:
-        annotator = RuleAnnotator.load(rules, taxonomy)
         samples = list(read_jsonl(data))
         if limit is not None and limit < len(samples):
             keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
             samples = [samples[i] for i in keep]
-        labelled, coverage = annotator.annotate(samples)
+        labelled = _annotate(samples, taxonomy, rules, llm_base_url, llm_model, llm_key_env,
+                             llm_cache or out.with_name(out.name + ".llm-cache.jsonl"), llm_images)
         write_jsonl(out, labelled)
-    except (ValueError, DataError) as error:
+    except (ValueError, DataError, EndpointError) as error:
         fail(error)
-    table = Table("rule", "samples", title=f"coverage of {len(labelled)} samples")
-    for name, count in coverage.by_rule.most_common():
-        table.add_row(name, str(count))
-    for level, count in coverage.general.items():
-        table.add_row(f"[dim]{level}: fell to general[/dim]", str(count))
-    console.print(table)
     console.print(f"wrote {out}")
+
+
+def _annotate(samples, taxonomy, rules, base_url, model, key_env, cache, images):
+    """Rules first; the LLM for samples whose levels no rule decided."""
+    from mose.endpoint import ChatEndpoint
+    from mose.skills.llm import LLMAnnotator
+    from mose.skills.rules import RuleAnnotator
+    from mose.skills.taxonomy import load_taxonomy
+
+    labelled, undecided, descriptions = list(samples), list(range(len(samples))), []
+    if rules is not None:
+        annotator = RuleAnnotator.load(rules, taxonomy)
+        descriptions = [rule.describe() for rule in annotator.rules]
+        labelled, coverage = annotator.annotate(samples)
+        undecided = coverage.undecided
+        table = Table("rule", "samples", title=f"rule coverage of {coverage.total} samples")
+        for name, count in coverage.by_rule.most_common():
+            table.add_row(name, str(count))
+        for level, count in coverage.general.items():
+            table.add_row(f"[dim]{level}: fell to general[/dim]", str(count))
+        console.print(table)
+    if base_url is None or not undecided:
+        return labelled
+    llm = LLMAnnotator(load_taxonomy(taxonomy), ChatEndpoint(base_url, model, key_env), cache,
+                       rules=descriptions, send_images=images)
+    answered, report = llm.annotate([samples[i] for i in undecided], progress=True)
+    for i, sample in zip(undecided, answered, strict=True):
+        labelled[i] = sample
+    console.print(f"LLM: {report.asked} asked, {report.cached} from the cache, "
+                  f"{len(report.unparsable)} unparsable (left unlabelled)")
+    for sample_id, reason, reply in report.unparsable[:5]:
+        console.print(f"  [yellow]unparsable[/yellow] {sample_id}: {reason}; reply {reply!r}")
+    return labelled
 
 
 @app.command()

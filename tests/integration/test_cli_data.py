@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,28 @@ def test_data_convert_prints_records_per_task_and_skips_bad_ones(tmp_path):
     assert "wrote 1 records" in result.stdout and "robo2vlm" in result.stdout
     assert "skipped (bad)" in result.stdout
     assert (tmp_path / "robo_images").is_dir()
+
+
+@pytest.mark.slow
+def test_annotate_sends_only_what_the_rules_left_undecided_to_the_llm(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_llm_annotator import FakeLLM
+
+    records = [{"id": "a", "images": [], "question": "What is inside the red rectangle?",
+                "answer": "car", "task": "region_perception"},
+               {"id": "b", "images": [], "question": "Describe the whole scene.", "answer": "ok",
+                "task": "general_perception"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    fake = FakeLLM()
+    try:
+        out = mose("annotate", "--taxonomy", "driving", "--data", str(data), "--out",
+                   str(tmp_path / "o.jsonl"), "--rules", "world-driving", "--llm-base-url", fake.url,
+                   "--llm-model", "fake", "--no-llm-images")
+    finally:
+        fake.close()
+    assert "1 asked" in out.stdout and len(fake.requests) == 1
+    assert "Describe the whole scene" in json.dumps(fake.requests[0])
+    labelled = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert labelled[0]["skills"]["perception"] == "vehicle"  # by the rules
+    assert labelled[1]["skills"] == {"perception": "vehicle", "prediction": "crossing", "planning": "yield"}

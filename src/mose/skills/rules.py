@@ -60,6 +60,7 @@ def _words(terms: list[str]) -> re.Pattern:
 class Condition:
     path: str
     test: Any  # a callable on the field's value
+    text: str = ""  # how the rule file said it, for prompts and reports
 
     def holds(self, sample: Sample) -> bool:
         return self.test(field_value(sample, self.path))
@@ -67,19 +68,21 @@ class Condition:
 
 def _condition(path: str, spec: Any, where: str) -> Condition:
     if not isinstance(spec, Mapping):
-        return Condition(path, lambda v, spec=spec: v == spec)
+        return Condition(path, lambda v, spec=spec: v == spec, f"{path} is {spec!r}")
     if len(spec) != 1:
         raise ValueError(f"{where}: condition on {path!r} needs exactly one of any/all/regex/in")
     (kind, arg), = spec.items()
     if kind in ("any", "all"):
         patterns = [_words([t]) for t in arg]
         combine = any if kind == "any" else all
-        return Condition(path, lambda v: v is not None and combine(p.search(str(v)) for p in patterns))
+        return Condition(path, lambda v: v is not None and combine(p.search(str(v)) for p in patterns),
+                         f"{path} contains {kind} of {list(arg)}")
     if kind == "regex":
         pattern = re.compile(arg, re.IGNORECASE)
-        return Condition(path, lambda v: v is not None and bool(pattern.search(str(v))))
+        return Condition(path, lambda v: v is not None and bool(pattern.search(str(v))),
+                         f"{path} matches /{arg}/")
     if kind == "in":
-        return Condition(path, lambda v, allowed=tuple(arg): v in allowed)
+        return Condition(path, lambda v, allowed=tuple(arg): v in allowed, f"{path} is one of {list(arg)}")
     raise ValueError(f"{where}: unknown condition {kind!r} (use any, all, regex or in)")
 
 
@@ -91,6 +94,13 @@ class Rule:
     skill: str | None = None
     map_field: str | None = None  # with `mapping`: the skill is mapping[value of this field]
     mapping: Mapping[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The rule in words, as the LLM annotator's prompt lists it."""
+        then = (f"{self.level} = {self.skill}" if self.skill is not None
+                else f"{self.level} from {self.map_field}: {dict(self.mapping)}")
+        when = " and ".join(c.text for c in self.conditions)
+        return f"{then}" + (f" when {when}" if when else "")
 
     def apply(self, sample: Sample) -> str | None:
         """The skill this rule gives the sample, or None if it does not fire."""
@@ -109,6 +119,7 @@ class Coverage:
     total: int = 0
     by_rule: Counter = field(default_factory=Counter)
     general: Counter = field(default_factory=Counter)
+    undecided: list[int] = field(default_factory=list)  # samples no rule decided any level of
 
     def lines(self) -> list[str]:
         out = [f"{self.total} samples"]
@@ -163,6 +174,8 @@ class RuleAnnotator:
             coverage.total += 1
             coverage.by_rule.update(decided_by.values())
             coverage.general.update(level for level, s in skills.items() if s == GENERAL)
+            if not decided_by:
+                coverage.undecided.append(coverage.total - 1)
             out.append(replace(sample, skills=skills))
         return out, coverage
 
