@@ -60,5 +60,5 @@ def test_text_only_model_and_bad_inputs(tiny, tmp_path):
         SampleEncoder(processor)(Sample(id="m", images=[str(tmp_path / "gone.png")], question="q",
                                         answer="a"))
     with pytest.raises(DataError, match="record u, field 'skills'"):
-        SampleEncoder(tokenizer, mose.load_taxonomy("driving"))(
+        SampleEncoder(tokenizer, mose.load_taxonomy("driving"), source="train.jsonl")(
             Sample(id="u", images=[], question="q", answer="a", skills={"perception": "ufo"}))

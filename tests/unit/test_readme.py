@@ -10,6 +10,8 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "the README has no Python example"
     monkeypatch.chdir(tmp_path)  # it writes runs/readme-model
+    namespace = {"__name__": "readme"}  # the blocks continue one another, like a tutorial
     for code in blocks:
-        exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+        exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["out"].router_loss is not None  # the batch carried skill labels
     assert (tmp_path / "runs" / "readme-model" / "model.safetensors").is_file()

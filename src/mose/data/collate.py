@@ -38,7 +38,7 @@ def target_text(sample: Sample) -> str | None:
     return sample.answer
 
 
-def load_images(sample: Sample, source: str = "samples") -> list[Image.Image]:
+def load_images(sample: Sample, source: str) -> list[Image.Image]:
     images = []
     for path in sample.images:
         try:
@@ -53,7 +53,9 @@ class SampleEncoder:
     """One sample → token ids, labels, image tensors and skill labels (unpadded)."""
 
     def __init__(self, processor: Any, taxonomy: Taxonomy | None = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, source: str = "samples") -> None:
+        """`source` (the JSONL path, say) is what error messages name as the file."""
+        self.source = source
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.taxonomy = taxonomy
@@ -66,13 +68,13 @@ class SampleEncoder:
             content = [{"type": "image"} for _ in sample.images]
             content.append({"type": "text", "text": prompt_text(sample)})
         elif sample.images:
-            raise DataError("samples", sample.id, "images", "a text-only model cannot take images")
+            raise DataError(self.source, sample.id, "images", "a text-only model cannot take images")
         else:
             content = prompt_text(sample)
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
         if self.vision:
-            images = load_images(sample) or None
+            images = load_images(sample, self.source) or None
             encoded = self.processor(text=[text], images=images, return_tensors="pt")
         else:
             encoded = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
@@ -82,13 +84,13 @@ class SampleEncoder:
         if with_answer:
             target = target_text(sample)
             if target is None:
-                raise DataError("samples", sample.id, "answer", "training needs an answer")
+                raise DataError(self.source, sample.id, "answer", "training needs an answer")
             # Tokenised apart from the prompt so the boundary is exact.
             answer_ids = self.tokenizer(target + END_OF_TURN, add_special_tokens=False,
                                         return_tensors="pt")["input_ids"][0]  # (A,)
         if self.max_length and len(prompt_ids) + len(answer_ids) > self.max_length:
             if len(prompt_ids) >= self.max_length:
-                raise DataError("samples", sample.id, "question", f"the prompt alone is "
+                raise DataError(self.source, sample.id, "question", f"the prompt alone is "
                                 f"{len(prompt_ids)} tokens; max_length is {self.max_length}")
             answer_ids = answer_ids[: self.max_length - len(prompt_ids)]
         item["input_ids"] = torch.cat([prompt_ids, answer_ids])  # (P + A,)
@@ -100,7 +102,7 @@ class SampleEncoder:
             try:
                 item["skill_labels"] = torch.tensor(self.taxonomy.encode(sample.skills))  # (L,)
             except ValueError as error:
-                raise DataError("samples", sample.id, "skills", str(error)) from None
+                raise DataError(self.source, sample.id, "skills", str(error)) from None
         return item
 
 
