@@ -63,6 +63,6 @@ def sharpen_routers(model, seed: int = 0, std: float = 2.0) -> None:
 
 
 def mose_blocks(model):
-    from mose.layers import MoSEBlock, TokenMoEBlock
+    from mose.layers import ExpertBlock
 
-    return [m for m in model.modules() if isinstance(m, MoSEBlock | TokenMoEBlock)]
+    return [m for m in model.modules() if isinstance(m, ExpertBlock)]

@@ -11,7 +11,7 @@ from torch import nn
 
 from mose.arch import Arch, arch_of
 from mose.config import MoSEConfig, TokenMoEConfig, resolve_layers
-from mose.layers.blocks import MoSEBlock, TokenMoEBlock, upcycled_shared
+from mose.layers.blocks import ExpertBlock, MoSEBlock, TokenMoEBlock, upcycled_shared
 from mose.layers.experts import Experts
 from mose.layers.router import Router
 from mose.routing import RoutingState
@@ -43,7 +43,7 @@ def inject(model: nn.Module, arch: Arch, cfg: AnyConfig) -> None:
     """Replace the chosen layers' FFNs with blocks sharing one RoutingState."""
     layers = arch.layers(model)
     indices = resolve_layers(cfg.layers, len(layers))
-    already = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, MoSEBlock | TokenMoEBlock)]
+    already = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, ExpertBlock)]
     if already:
         raise ValueError(f"model is already converted (MoE blocks at layers {already})")
     for i in indices:

@@ -27,24 +27,34 @@ def upcycled_shared(mlp: nn.Module, scale: float) -> nn.Module:
     return shared
 
 
-class MoSEBlock(nn.Module):
-    """Shared expert + skill experts of one level, routed once per sample.
-
-    With modality groups each skill owns two experts, image then text
-    (expert 2s is skill s's image expert, 2s + 1 its text expert).
-    """
+class ExpertBlock(nn.Module):
+    """What both blocks hold: a router, stacked experts, an optional shared expert,
+    and the routing state of the model they sit in."""
 
     def __init__(self, *, router: Router, experts: Experts, shared: nn.Module | None,
-                 state: RoutingState, layer_idx: int, level: int, top_k: int,
-                 modality_groups: bool) -> None:
+                 state: RoutingState, layer_idx: int, top_k: int) -> None:
         super().__init__()
         self.router = router
         self.experts = experts
         self.shared_expert = shared
         self.state = state
         self.layer_idx = layer_idx
-        self.level = level
         self.top_k = top_k
+
+    def with_shared(self, routed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return routed if self.shared_expert is None else routed + self.shared_expert(x)
+
+
+class MoSEBlock(ExpertBlock):
+    """Shared expert + skill experts of one level, routed once per sample.
+
+    With modality groups each skill owns two experts, image then text
+    (expert 2s is skill s's image expert, 2s + 1 its text expert).
+    """
+
+    def __init__(self, *, level: int, modality_groups: bool, **parts) -> None:
+        super().__init__(**parts)
+        self.level = level
         self.modality_groups = modality_groups
 
     def observe(self, hidden: torch.Tensor) -> None:
@@ -82,7 +92,7 @@ class MoSEBlock(nn.Module):
         else:
             routed = self.experts.by_sample(x, route.experts, route.weights, route.sample_groups())
             self._record(route.experts[:, None, :].expand(-1, x.shape[1], -1))  # (B, T, k)
-        return routed if self.shared_expert is None else routed + self.shared_expert(x)
+        return self.with_shared(routed, x)
 
     def _by_modality(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         batch, seq, hidden = x.shape
@@ -104,18 +114,8 @@ class MoSEBlock(nn.Module):
         self.state.assignments[self.layer_idx] = (experts, mask, self.experts.num_experts)
 
 
-class TokenMoEBlock(nn.Module):
+class TokenMoEBlock(ExpertBlock):
     """Token-level top-k MoE (the baseline), optionally with a shared expert."""
-
-    def __init__(self, *, router: Router, experts: Experts, shared: nn.Module | None,
-                 state: RoutingState, layer_idx: int, top_k: int) -> None:
-        super().__init__()
-        self.router = router
-        self.experts = experts
-        self.shared_expert = shared
-        self.state = state
-        self.layer_idx = layer_idx
-        self.top_k = top_k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
@@ -126,5 +126,5 @@ class TokenMoEBlock(nn.Module):
         self.state.router_logits[self.layer_idx] = logits
         self.state.aux_losses[self.layer_idx] = load_balancing_loss(probs, experts, mask)
         self.state.assignments[self.layer_idx] = (experts, mask, self.experts.num_experts)
-        routed = self.experts.by_token(flat, experts, weights).view(batch, seq, hidden)
-        return routed if self.shared_expert is None else routed + self.shared_expert(x)
+        routed = self.experts.by_token(flat, experts, weights).view(batch, seq, hidden)  # (B, T, H)
+        return self.with_shared(routed, x)
