@@ -121,12 +121,6 @@ class Coverage:
     general: Counter = field(default_factory=Counter)
     undecided: list[int] = field(default_factory=list)  # samples no rule decided any level of
 
-    def lines(self) -> list[str]:
-        out = [f"{self.total} samples"]
-        out += [f"  rule {name!r}: {count}" for name, count in self.by_rule.most_common()]
-        out += [f"  {level}: {count} fell to general" for level, count in self.general.items()]
-        return out
-
 
 class RuleAnnotator:
     def __init__(self, taxonomy: Taxonomy, rules: list[Rule]) -> None:

@@ -20,7 +20,6 @@ from mose.data.world import driving, robot
 from mose.data.world.common import sample_rng
 
 DOMAINS = {"driving": driving, "robot": robot}
-TAXONOMY_OF = {"driving": "driving", "robot": "robot"}
 
 
 def weight_keys(domain: str) -> list[str]:

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from PIL import ImageDraw
 
 IMAGE_SIZE = 112  # 112 × 112 → 16 image tokens after Qwen2-VL's 2 × 2 merge
-LETTERS = "ABCDE"
 
 
 def sample_rng(seed: int, split: str, index: int) -> random.Random:
