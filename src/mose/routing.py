@@ -19,6 +19,28 @@ import torch
 
 from mose.skills.taxonomy import Taxonomy
 
+# Per rank j of top-k: (expert, sample indices, or None when it is the whole batch).
+SampleGroups = list[list[tuple[int, torch.Tensor | None]]]
+
+
+def sample_groups(experts: torch.Tensor) -> SampleGroups:
+    """Group a batch's samples by chosen expert, per rank. experts: (B, k).
+
+    One device→host copy for the whole routing decision.
+    """
+    batch, k = experts.shape
+    chosen = experts.tolist()
+    groups = []
+    for j in range(k):
+        members: dict[int, list[int]] = {}
+        for b in range(batch):
+            members.setdefault(chosen[b][j], []).append(b)
+        groups.append([
+            (e, None if len(rows) == batch else torch.tensor(rows, device=experts.device))
+            for e, rows in members.items()
+        ])
+    return groups
+
 
 @dataclass
 class Route:
@@ -27,12 +49,10 @@ class Route:
     experts: torch.Tensor  # (B, k) long: chosen skill indices
     weights: torch.Tensor  # (B, k): mixing weights of the chosen experts
     probs: torch.Tensor  # (B, S) float32: router probabilities over the level's skills
-    groups: list | None = None  # samples grouped by expert, made once, reused while decoding
+    groups: SampleGroups | None = None  # made once, reused at every decode step
 
-    def sample_groups(self) -> list:
+    def sample_groups(self) -> SampleGroups:
         if self.groups is None:
-            from mose.layers.experts import sample_groups
-
             self.groups = sample_groups(self.experts)
         return self.groups
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mose.routing import SampleGroups, sample_groups
+
 
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
@@ -49,7 +51,7 @@ class Experts(nn.Module):
         return self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
 
     def by_sample(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                  groups: list[list[tuple[int, torch.Tensor | None]]] | None = None) -> torch.Tensor:
+                  groups: SampleGroups | None = None) -> torch.Tensor:
         """Every token of a sample goes to the sample's experts.
 
         x: (B, T, H); experts, weights: (B, k). Samples are grouped by expert so
@@ -101,21 +103,3 @@ class Experts(nn.Module):
         ys = torch.cat(chunks) * weights.reshape(-1)[order, None].to(x.dtype)  # (N*k, H)
         return torch.zeros_like(x).index_add(0, source, ys)
 
-
-def sample_groups(experts: torch.Tensor) -> list[list[tuple[int, torch.Tensor | None]]]:
-    """Group samples by expert, per rank: [[(expert, sample index or None for all), ...], ...].
-
-    experts: (B, k). One device→host copy for the whole routing decision.
-    """
-    batch, k = experts.shape
-    chosen = experts.tolist()
-    groups = []
-    for j in range(k):
-        members: dict[int, list[int]] = {}
-        for b in range(batch):
-            members.setdefault(chosen[b][j], []).append(b)
-        groups.append([
-            (e, None if len(rows) == batch else torch.tensor(rows, device=experts.device))
-            for e, rows in members.items()
-        ])
-    return groups
