@@ -1,6 +1,7 @@
 """Sample records, JSONL files, the procedural world and the rule annotator."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,13 @@ def test_rule_conditions_match_words_not_substrings(tmp_path):
     assert decided_by == {"perception": "car", "planning": "meta"}
     skills, _ = annotator.label(Sample(id="2", images=[], question="Is the carpet red?"))
     assert skills["perception"] == "general"
+
+
+def test_relative_paths_survive_a_read_and_a_write_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    generate("robot", 3, seed=0, out="runs/world")  # a relative folder, as the README commands use
+    samples = list(read_jsonl("runs/world/train.jsonl"))
+    assert all(Path(s.images[0]).is_absolute() for s in samples)
+    write_jsonl("runs/labelled/subset.jsonl", samples)  # another folder than the images'
+    again = list(read_jsonl("runs/labelled/subset.jsonl"))
+    assert all(Path(s.images[0]).is_file() for s in again)

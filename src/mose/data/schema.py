@@ -89,27 +89,42 @@ class Sample:
                    correct=correct, skills=skills, meta=dict(data.get("meta") or {}))
 
 
-def read_jsonl(path: str | Path) -> Iterator[Sample]:
-    """Samples of a JSONL file, with their image paths made absolute."""
+def iter_records(path: str | Path, image_root: str | Path | None = None) -> Iterator[Sample | DataError]:
+    """Each record of a JSONL file as a Sample, or as the DataError that names its problem.
+
+    Image paths become absolute, under `image_root` (default: the file's folder).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), None, None, "no such file")
+    root = Path(image_root) if image_root is not None else path.parent
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                data = json.loads(line)
+                sample = Sample.from_dict(json.loads(line), str(path), f"at line {number}")
             except json.JSONDecodeError as error:
-                raise DataError(str(path), f"at line {number}", None, f"malformed JSON: {error}") from None
-            sample = Sample.from_dict(data, str(path), f"at line {number}")
-            sample.images = [str(resolve_image(path, p)) for p in sample.images]
+                yield DataError(str(path), f"at line {number}", None, f"malformed JSON: {error}")
+                continue
+            except DataError as error:
+                yield error
+                continue
+            sample.images = [str(resolve_image(root, p).resolve()) for p in sample.images]
             yield sample
 
 
-def resolve_image(jsonl: Path, image: str) -> Path:
+def read_jsonl(path: str | Path) -> Iterator[Sample]:
+    """Samples of a JSONL file, with their image paths made absolute; stops at a bad record."""
+    for item in iter_records(path):
+        if isinstance(item, DataError):
+            raise item
+        yield item
+
+
+def resolve_image(folder: Path, image: str) -> Path:
     image_path = Path(image)
-    return image_path if image_path.is_absolute() else jsonl.parent / image_path
+    return image_path if image_path.is_absolute() else folder / image_path
 
 
 def relative_images(sample: Sample, folder: Path) -> Sample:
