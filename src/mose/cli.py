@@ -109,7 +109,11 @@ def annotate(
 ) -> None:
     """Label samples with one skill per level, and report each rule's coverage."""
     from mose.data import DataError, read_jsonl, write_jsonl
-    from mose.endpoint import EndpointError
+    from mose.endpoint import ChatEndpoint, EndpointError
+    from mose.skills.annotate import annotate as annotate_samples
+    from mose.skills.llm import LLMAnnotator
+    from mose.skills.rules import RuleAnnotator
+    from mose.skills.taxonomy import load_taxonomy
 
     if rules is None and llm_base_url is None:
         fail(ValueError("give --rules, --llm-base-url with --llm-model, or both"))
@@ -120,45 +124,31 @@ def annotate(
         if limit is not None and limit < len(samples):
             keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
             samples = [samples[i] for i in keep]
-        labelled = _annotate(samples, taxonomy, rules, llm_base_url, llm_model, llm_key_env,
-                             llm_cache or out.with_name(out.name + ".llm-cache.jsonl"), llm_images)
+        rule_annotator = RuleAnnotator.load(rules, taxonomy) if rules is not None else None
+        llm = None
+        if llm_base_url is not None:
+            llm = LLMAnnotator(
+                load_taxonomy(taxonomy), ChatEndpoint(llm_base_url, llm_model, llm_key_env),
+                llm_cache or out.with_name(out.name + ".llm-cache.jsonl"),
+                rules=[r.describe() for r in rule_annotator.rules] if rule_annotator else (),
+                send_images=llm_images)
+        labelled, coverage, report = annotate_samples(samples, rule_annotator, llm, progress=True)
         write_jsonl(out, labelled)
     except (ValueError, DataError, EndpointError) as error:
         fail(error)
-    console.print(f"wrote {out}")
-
-
-def _annotate(samples, taxonomy, rules, base_url, model, key_env, cache, images):
-    """Rules first; the LLM for samples whose levels no rule decided."""
-    from mose.endpoint import ChatEndpoint
-    from mose.skills.llm import LLMAnnotator
-    from mose.skills.rules import RuleAnnotator
-    from mose.skills.taxonomy import load_taxonomy
-
-    labelled, undecided, descriptions = list(samples), list(range(len(samples))), []
-    if rules is not None:
-        annotator = RuleAnnotator.load(rules, taxonomy)
-        descriptions = [rule.describe() for rule in annotator.rules]
-        labelled, coverage = annotator.annotate(samples)
-        undecided = coverage.undecided
+    if coverage is not None:
         table = Table("rule", "samples", title=f"rule coverage of {coverage.total} samples")
         for name, count in coverage.by_rule.most_common():
             table.add_row(name, str(count))
         for level, count in coverage.general.items():
             table.add_row(f"[dim]{level}: fell to general[/dim]", str(count))
         console.print(table)
-    if base_url is None or not undecided:
-        return labelled
-    llm = LLMAnnotator(load_taxonomy(taxonomy), ChatEndpoint(base_url, model, key_env), cache,
-                       rules=descriptions, send_images=images)
-    answered, report = llm.annotate([samples[i] for i in undecided], progress=True)
-    for i, sample in zip(undecided, answered, strict=True):
-        labelled[i] = sample
-    console.print(f"LLM: {report.asked} asked, {report.cached} from the cache, "
-                  f"{len(report.unparsable)} unparsable (left unlabelled)")
-    for sample_id, reason, reply in report.unparsable[:5]:
-        console.print(f"  [yellow]unparsable[/yellow] {sample_id}: {reason}; reply {reply!r}")
-    return labelled
+    if report is not None:
+        console.print(f"LLM: {report.asked} asked, {report.cached} from the cache, "
+                      f"{len(report.unparsable)} unparsable (left unlabelled)")
+        for sample_id, reason, reply in report.unparsable[:5]:
+            console.print(f"  [yellow]unparsable[/yellow] {sample_id}: {reason}; reply {reply!r}")
+    console.print(f"wrote {out}")
 
 
 @app.command()
@@ -169,8 +159,7 @@ def taxonomy(name: str = typer.Argument("driving", help="built-in name or YAML p
     try:
         loaded = load_taxonomy(name)
     except ValueError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        fail(error)
     tree = Tree(f"[bold]{loaded.name}[/bold]")
     for level in loaded.levels:
         branch = tree.add(f"[cyan]{level.name}[/cyan]")

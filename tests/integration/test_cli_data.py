@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -59,8 +58,7 @@ def test_data_convert_prints_records_per_task_and_skips_bad_ones(tmp_path):
 
 @pytest.mark.slow
 def test_annotate_sends_only_what_the_rules_left_undecided_to_the_llm(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-    from test_llm_annotator import FakeLLM
+    from fake_llm import FakeLLM
 
     records = [{"id": "a", "images": [], "question": "What is inside the red rectangle?",
                 "answer": "car", "task": "region_perception"},

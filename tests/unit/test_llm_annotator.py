@@ -1,67 +1,14 @@
 """The LLM annotator against a real HTTP server on loopback, started by the test."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
+from fake_llm import FakeLLM
 from mose.data import Sample
 from mose.endpoint import ChatEndpoint, EndpointError
 from mose.skills.llm import LLMAnnotator, UnparsableAnswer, parse_skills
 from mose.skills.taxonomy import load_taxonomy
 
 DRIVING = load_taxonomy("driving")
-
-
-class FakeLLM:
-    """An OpenAI-style chat server: labels by keyword, fails on cue, records requests."""
-
-    def __init__(self, fail_first: int = 0, die_after: int | None = None):
-        self.requests: list[dict] = []
-        self.fail_first = fail_first
-        self.die_after = die_after
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                count = len(server.requests)
-                if count <= server.fail_first or (server.die_after and count > server.die_after):
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                self.reply(server.answer(body))
-
-            def reply(self, text):
-                payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0,
-                                      "model": "fake", "choices": [{
-                                          "index": 0, "finish_reason": "stop",
-                                          "message": {"role": "assistant", "content": text}}]})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(payload.encode())
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_port}/v1"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    @staticmethod
-    def answer(body):
-        text = next(p["text"] for p in body["messages"][1]["content"] if p["type"] == "text")
-        if "gibberish" in text:
-            return "I think it is about pedestrians."
-        perception = "vru" if "pedestrian" in text else "vehicle"
-        return ("Sure: " + json.dumps({"perception": perception, "prediction": "crossing",
-                                       "planning": "yield"}))
-
-    def close(self):
-        self.http.shutdown()
 
 
 @pytest.fixture
@@ -140,3 +87,20 @@ def test_an_interrupted_run_resumes_without_asking_again(tmp_path):
 def test_parse_is_strict(reply, reason):
     with pytest.raises(UnparsableAnswer, match=reason):
         parse_skills(reply, DRIVING)
+
+
+def test_rules_first_then_the_llm_only_for_what_no_rule_decided(tmp_path, server):
+    from mose.skills.annotate import annotate
+    from mose.skills.rules import RuleAnnotator
+
+    rules = RuleAnnotator.load("world-driving")
+    decided = Sample(id="r", images=[], question="What is inside the red rectangle?", answer="car",
+                     task="region_perception")
+    open_ended = Sample(id="o", images=[], question="Describe the whole scene.", answer="ok")
+    llm = LLMAnnotator(DRIVING, endpoint(server.url), tmp_path / "c.jsonl", send_images=False)
+    labelled, coverage, report = annotate([decided, open_ended], rules, llm)
+    assert coverage.undecided == [1] and report.asked == 1 and len(server.requests) == 1
+    assert labelled[0].skills["perception"] == "vehicle"  # from the rules
+    assert labelled[1].skills["prediction"] == "crossing"  # from the LLM
+    with pytest.raises(ValueError, match="needs rules, an LLM, or both"):
+        annotate([decided])
