@@ -21,9 +21,10 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from mose.models.processor import ImageOnlyProcessor
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -95,23 +96,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-class _ImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2-VL's processor without a video processor (that one needs torchvision)."""
-
-    def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> None:
-        if argument_name == "video_processor" and argument is None:
-            return
-        super().check_argument_for_proper_class(argument_name, argument)
-
-
 def tiny_image_processor() -> Qwen2VLImageProcessorPil:
     # 56x56 → 4 image tokens, 112x112 → 16; cap at 16x16 patches so tests stay small.
     return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
 
 
-def tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> Qwen2VLProcessor:
+def tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> ImageOnlyProcessor:
     tokenizer = tokenizer or tiny_tokenizer()
-    return _ImageOnlyProcessor(
+    return ImageOnlyProcessor(
         image_processor=tiny_image_processor(),
         tokenizer=tokenizer,
         video_processor=None,
