@@ -89,6 +89,15 @@ class MoSEModelMixin:
             output["aux_loss"] = torch.stack(list(state.aux_losses.values())).mean()
         return output
 
+    def save_pretrained(self, save_directory, *args: Any, save_original_format: bool = False,
+                        **kwargs: Any) -> None:
+        """transformers' save, in the live module names by default.
+
+        A model loaded from a checkpoint in the legacy key layout would otherwise
+        be written back in that layout, which the converted class cannot map.
+        """
+        super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
     def skill_chains(self) -> list[SkillChain]:
         """Per sample of the last forward or generate: the skill chosen at each level."""
         return skill_chain_list(self.mose_state.routes, self.level_of_layer,

@@ -61,3 +61,18 @@ def test_from_pretrained_refuses_dense_checkpoints_and_mismatched_weights(tiny, 
     (tmp_path / "dense" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="weights do not match"):
         mose.from_pretrained(tmp_path / "dense")
+
+
+def test_a_converted_checkpoint_loaded_from_disk_saves_and_reloads(tiny, tmp_path):
+    """A dense model read from a legacy-layout checkpoint, converted, saves in names it loads back."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    dense, processor = tiny("qwen2_vl")
+    dense.save_pretrained(tmp_path / "dense")
+    loaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "dense")
+    model = mose.convert(loaded, mose.MoSEConfig())
+    model.save_pretrained(tmp_path / "mose")
+    again = mose.from_pretrained(tmp_path / "mose")
+    inputs = vl_batch(processor, [0, 1])
+    with torch.no_grad():
+        assert torch.allclose(again(**inputs).logits, model(**inputs).logits, atol=1e-5)
