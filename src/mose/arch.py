@@ -27,12 +27,13 @@ class Arch:
     layers_path: str  # attribute path from the model to its decoder layers
     text_config_attr: str | None  # where the language model's config sits, if nested
     image_token_attrs: tuple[str, ...] = ()  # config attributes holding image/video token ids
+    vision_path: str | None = None  # attribute path from the model to its vision tower
+
+    def vision_tower(self, model: nn.Module) -> nn.Module | None:
+        return _get(model, self.vision_path) if self.vision_path else None
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        module = model
-        for name in self.layers_path.split("."):
-            module = getattr(module, name)
-        return module
+        return _get(model, self.layers_path)
 
     def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
         return getattr(config, self.text_config_attr) if self.text_config_attr else config
@@ -41,15 +42,21 @@ class Arch:
         return [getattr(config, attr) for attr in self.image_token_attrs]
 
 
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
 _VISION_TOKENS = ("image_token_id", "video_token_id")
 
 ARCHS: dict[str, Arch] = {
     arch.name: arch
     for arch in (
         Arch("qwen2_vl", Qwen2VLForConditionalGeneration, AutoModelForImageTextToText,
-             "model.language_model.layers", "text_config", _VISION_TOKENS),
+             "model.language_model.layers", "text_config", _VISION_TOKENS, "model.visual"),
         Arch("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration, AutoModelForImageTextToText,
-             "model.language_model.layers", "text_config", _VISION_TOKENS),
+             "model.language_model.layers", "text_config", _VISION_TOKENS, "model.visual"),
         Arch("qwen2", Qwen2ForCausalLM, AutoModelForCausalLM, "model.layers", None),
         Arch("llama", LlamaForCausalLM, AutoModelForCausalLM, "model.layers", None),
     )

@@ -67,6 +67,9 @@ class RoutingState:
     routes: dict[int, Route] = field(default_factory=dict)
     running: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     router_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward only
+    # layer → (B, H) float32: the mean hidden state each router read, this forward only;
+    # router pretraining learns from these alone, with no backward through the model.
+    router_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     aux_losses: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward only
     # layer → (experts per token (B, T, k) or (N, k), real-token mask, number of experts);
     # counted only when asked (`tokens_per_expert`), so decoding does not pay for it.
@@ -96,6 +99,7 @@ class RoutingState:
             self.routes.clear()
             self.running.clear()
         self.router_logits.clear()
+        self.router_inputs.clear()
         self.aux_losses.clear()
         self.assignments.clear()
 

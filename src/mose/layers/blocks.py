@@ -70,7 +70,9 @@ class MoSEBlock(ExpertBlock):
             past_total, past_count = state.running[self.layer_idx]
             total, count = total + past_total, count + past_count
         state.running[self.layer_idx] = (total.detach(), count)
-        logits = self.router(total / count.clamp(min=1.0))  # (B, S)
+        pooled = total / count.clamp(min=1.0)  # (B, H)
+        state.router_inputs[self.layer_idx] = pooled
+        logits = self.router(pooled)  # (B, S)
         forced = None if state.skill_labels is None else state.skill_labels[:, self.level]
         experts, weights, probs = top_k(logits, self.top_k, forced)
         state.router_logits[self.layer_idx] = logits
