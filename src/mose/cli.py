@@ -151,6 +151,33 @@ def annotate(
     console.print(f"wrote {out}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", help="recipe YAML (see configs/)"),
+    resume: bool = typer.Option(False, help="skip finished stages and continue the unfinished one "
+                                "from its last checkpoint"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Run a training recipe's stages in order; KEY=VALUE arguments override the recipe.
+
+    Example: mose train --config configs/demo.yaml stages.sft.lr=3e-4 output_dir=runs/try
+    """
+    from mose.data import DataError
+    from mose.train import RecipeError, load_recipe
+    from mose.train import train as run_recipe
+
+    try:
+        recipe = load_recipe(config, ctx.args)
+        run_recipe(recipe, resume=resume, progress=progress)
+    except (RecipeError, DataError, ValueError, FileNotFoundError) as error:
+        fail(error)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: finished stages and the last checkpoint are intact; "
+                      "rerun with --resume to continue")
+        raise typer.Exit(130) from None
+
+
 @app.command()
 def taxonomy(name: str = typer.Argument("driving", help="built-in name or YAML path")) -> None:
     """Show a skill taxonomy: its levels, in order, and their skills."""

@@ -1,0 +1,278 @@
+"""Training recipes: YAML files with `key=value` overrides, checked before any work.
+
+A recipe names a model, an output directory, the data and an ordered mapping
+of stages; each stage's `stage:` (default: its name) is one of `backbone`,
+`convert`, `router`, `sft`:
+
+    model: tiny:qwen2_vl
+    output_dir: runs/demo
+    data: {train: runs/world/driving/train.jsonl}
+    stages:
+      convert: {mose: {taxonomy: driving}}
+      router: {max_steps: 100, lr: 1.0e-3}
+      sft: {epochs: 1, lr: 1.0e-4}
+
+`base: other.yaml` (relative to the recipe) is read first and deep-merged
+under the recipe. Overrides use dotted keys (`stages.sft.lr=3e-4`,
+`data.fraction=0.5`) and YAML values.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mose.config import MoSEConfig, TokenMoEConfig, config_from_dict
+
+STAGE_KINDS = ("backbone", "convert", "router", "sft")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: names the file and the key."""
+
+
+@dataclass
+class DataOptions:
+    train: str | None = None  # sample-record JSONL every training stage reads unless it names its own
+    eval: str | None = None  # labelled held-out records for router accuracy (default: split off train)
+    fraction: float = 1.0  # of the answer data (backbone, sft): for data-size studies
+    max_length: int | None = None  # tokens per sample; longer answers are cut
+
+
+@dataclass
+class TrainOptions:
+    """What every training stage shares: optimisation, schedule, logging, checkpoints."""
+
+    data: str | None = None  # this stage's records instead of data.train
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 8  # per process, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float | None = 1.0
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    save_every: int = 50  # optimizer steps between resume checkpoints (0: only at the end)
+
+
+@dataclass
+class BackboneStage(TrainOptions):
+    """Plain fine-tuning of the dense model (the demo's pretraining; the dense-SFT baseline)."""
+
+    stage: Literal["backbone"] = "backbone"
+    trainable: Literal["all", "language", "ffn"] = "language"  # language: all but the vision tower
+    layers: str | list[int] = "even"  # whose FFNs train with trainable=ffn (MoSE's layers by default)
+
+
+@dataclass
+class RouterStage(TrainOptions):
+    """Router pretraining on skill labels; everything else frozen, no backward through it."""
+
+    stage: Literal["router"] = "router"
+    lr: float = 1e-3
+    labelled: int | None = None  # skill-labelled samples to learn from (None: all there are)
+    eval_size: int = 200  # held out from the labelled pool when data.eval is not given
+
+
+@dataclass
+class SFTStage(TrainOptions):
+    """Answer-only fine-tuning of the MoSE (or token-MoE) blocks; the rest frozen."""
+
+    stage: Literal["sft"] = "sft"
+    skill_loss_weight: float = 0.0  # keep the routers' skill loss as an auxiliary term
+    teacher_forcing: bool = False  # route by the samples' skill labels instead of the routers
+    train_routers: bool = True
+
+
+@dataclass
+class ConvertStage:
+    stage: Literal["convert"] = "convert"
+    mose: dict | None = None  # MoSEConfig fields
+    token_moe: dict | None = None  # TokenMoEConfig fields
+
+    def config(self) -> MoSEConfig | TokenMoEConfig:
+        kind, fields_ = ("mose", self.mose) if self.mose is not None else ("token_moe", self.token_moe)
+        return config_from_dict({"kind": kind, **fields_})
+
+
+StageOptions = BackboneStage | ConvertStage | RouterStage | SFTStage
+STAGE_CLASSES: dict[str, type] = {"backbone": BackboneStage, "convert": ConvertStage,
+                                  "router": RouterStage, "sft": SFTStage}
+
+
+@dataclass
+class Recipe:
+    model: str
+    output_dir: str
+    stages: dict[str, StageOptions]
+    data: DataOptions = field(default_factory=DataOptions)
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU has it
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
+    source: str = "<recipe>"  # the file it came from, for error messages
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("source")
+        return data
+
+    def stage_output(self, name: str) -> Path:
+        return Path(self.output_dir) / name
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, merge `base:`, apply `key=value` overrides, and validate."""
+    path = Path(path)
+    data = _read_with_base(path, seen=())
+    for item in overrides:
+        _apply_override(data, item, path)
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(data).__name__}")
+    data = dict(data)
+    stages = data.pop("stages", None)
+    if not isinstance(stages, dict) or not stages:
+        raise RecipeError(f"{source}: key 'stages' must be a non-empty mapping of stage name → options")
+    data["stages"] = {name: _stage(name, options, source) for name, options in stages.items()}
+    data["data"] = _build(DataOptions, data.get("data") or {}, source, "data")
+    return _build(Recipe, {**data, "source": source}, source, "")
+
+
+def _stage(name: str, options: Any, source: str) -> StageOptions:
+    options = dict(options or {})
+    kind = options.setdefault("stage", name)
+    if kind not in STAGE_CLASSES:
+        raise RecipeError(f"{source}: stages.{name}.stage is {kind!r}; "
+                          f"choose one of {', '.join(STAGE_KINDS)}")
+    stage = _build(STAGE_CLASSES[kind], options, source, f"stages.{name}")
+    if isinstance(stage, ConvertStage):
+        if (stage.mose is None) == (stage.token_moe is None):
+            raise RecipeError(f"{source}: stages.{name} needs exactly one of 'mose' or 'token_moe'")
+        try:
+            stage.config()
+        except (TypeError, ValueError) as error:
+            raise RecipeError(f"{source}: stages.{name}: {error}") from None
+    return stage
+
+
+def _build(cls: type, data: Any, source: str, where: str):
+    """A dataclass from a mapping, every key and type checked, naming the key on error."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {where or 'recipe'} must be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise RecipeError(f"{source}: unknown key {_key(where, unknown[0])}; "
+                          f"known: {', '.join(n for n in known if n != 'source')}")
+    hints = typing.get_type_hints(cls)
+    for name, f in known.items():
+        if name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise RecipeError(f"{source}: missing required key {_key(where, name)}")
+            continue
+        data[name] = _check_type(data[name], hints[name], source, _key(where, name))
+    return cls(**data)
+
+
+def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:
+    """The value, if it fits the annotation (ints are accepted as floats)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise RecipeError(f"{source}: {key} is {value!r}; choose one of "
+                              f"{', '.join(map(str, typing.get_args(hint)))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, source, key)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{source}: {key} is {value!r}, of the wrong type (expected {_name(hint)})")
+    expected = origin or hint
+    if expected is type(None):
+        ok = value is None
+    elif expected is float:
+        # YAML 1.1 reads 1e-4 (no dot) as a string: take it as the number it means.
+        ok = (isinstance(value, int | float) and not isinstance(value, bool)) or _is_float(value)
+        value = float(value) if ok else value
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is list:
+        ok = isinstance(value, list) and all(isinstance(v, int) for v in value)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise RecipeError(f"{source}: {key} is {value!r}, of the wrong type (expected {_name(hint)})")
+    return value
+
+
+def _name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _key(where: str, name: str) -> str:
+    return f"'{where}.{name}'" if where else f"'{name}'"
+
+
+def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: 'base' includes form a cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_with_base(path.parent / base, seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_maps else value
+    return merged
+
+
+def _apply_override(data: dict[str, Any], item: str, path: Path) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {item!r}: expected KEY=VALUE (e.g. stages.sft.lr=1e-4)")
+    value = yaml.safe_load(text) if text else None
+    *parents, last = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {item!r}: {'.'.join(parents[: i + 1])} in {path} is not a mapping")
+        node = child
+    node[last] = value
+
+
+def _is_float(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True

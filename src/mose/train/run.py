@@ -1,0 +1,195 @@
+"""`mose train`: run a recipe's stages in order, each checkpointed and resumable.
+
+Everything a recipe could get wrong (keys, types, stage order, data that is
+missing, unlabelled or unanswered) is checked before the model is loaded.
+Stage N's output directory is a complete model; a rerun with `resume=True`
+skips finished stages and continues the unfinished one from its last resume
+state, so an interrupted run ends with the weights an uninterrupted one has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from rich.console import Console
+from transformers.utils import logging as transformers_logging
+
+from mose.convert import convert
+from mose.data import Sample
+from mose.data.collate import Collator, EncodedDataset, SampleEncoder
+from mose.models.loading import is_converted, load_model, model_type_of
+from mose.skills.taxonomy import Taxonomy
+from mose.train.checkpoint import is_complete, save_model
+from mose.train.data import RecordCache, fraction_of, labelled_split
+from mose.train.loop import LoopContext, train_stage
+from mose.train.recipe import BackboneStage, ConvertStage, Recipe, RecipeError, RouterStage, SFTStage
+from mose.train.stages import backbone_plan, router_plan, sft_plan
+
+console = Console(stderr=True)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StageData:
+    train: list[Sample]
+    held_out: list[Sample]  # router stage only
+    source: str
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Run the recipe; per stage, its output directory and last metrics."""
+    data = check_recipe(recipe)
+    transformers_logging.disable_progress_bar()  # our own bars say what is happening
+    out = Path(recipe.output_dir)
+    names = list(recipe.stages)
+    done = [n for n in names if is_complete(out / n)]
+    if done and not resume:
+        raise RecipeError(f"{out} already holds finished stage(s) {done}: pass --resume to continue "
+                          "that run, or choose another output_dir")
+    first = next((i for i, n in enumerate(names) if n not in done), len(names))
+    results: dict[str, dict[str, Any]] = {n: {"output": str(out / n), "skipped": True} for n in names[:first]}
+    if first == len(names):
+        console.print(f"all stages of {recipe.source} are finished in {out}")
+        return results
+    accelerator = make_accelerator(recipe.mixed_precision)
+    set_seed(recipe.seed)
+    start_from = recipe.model if first == 0 else str(out / names[first - 1])
+    model, processor = load_model(start_from, seed=recipe.seed, dtype=DTYPES[recipe.dtype])
+    model.to(accelerator.device)
+    for name in names[first:]:
+        set_seed(recipe.seed)  # a stage's randomness never depends on the stages before it
+        stage = recipe.stages[name]
+        metrics: dict[str, Any] = {}
+        if isinstance(stage, ConvertStage):
+            convert(model, stage.config())
+        else:
+            metrics = _run_training(model, processor, recipe, name, stage, data[name], accelerator,
+                                    resume, progress)
+        if accelerator.is_main_process:
+            save_model(model, processor, out / name, {**recipe.to_dict(), "finished_stage": name})
+            shutil.rmtree(out / ".resume" / name, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        results[name] = {"output": str(out / name), **metrics}
+        console.print(f"[green]stage {name} done[/green] → {out / name} " +
+                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    if accelerator.is_main_process:
+        summary = {"world_size": accelerator.num_processes, "stages": results}
+        (out / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return results
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """One per process. `auto`: what `accelerate launch` says, else bf16 on a GPU that has it."""
+    if mixed_precision == "auto":
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+            "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    # Experts that no sample of a micro-batch chose get no gradient; DDP must allow it.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp])
+
+
+def _run_training(model, processor, recipe: Recipe, name: str, stage, data: StageData,
+                  accelerator: Accelerator, resume: bool, progress: bool) -> dict[str, Any]:
+    taxonomy = getattr(getattr(model, "mose_config", None), "taxonomy", None)
+    encoder = SampleEncoder(processor, taxonomy, recipe.data.max_length, source=data.source)
+    collator = Collator(getattr(processor, "tokenizer", processor).pad_token_id, padding_side="right")
+    show = progress and accelerator.is_main_process
+    dataset = EncodedDataset(data.train, encoder, with_answer=not isinstance(stage, RouterStage),
+                             progress=show)
+    if isinstance(stage, BackboneStage):
+        plan = backbone_plan(name, model, stage, dataset)
+    elif isinstance(stage, SFTStage):
+        plan = sft_plan(name, model, stage, dataset)
+    else:
+        held_out = EncodedDataset(data.held_out, encoder, with_answer=False)
+        plan = router_plan(name, model, stage, dataset, held_out, collator)
+    out = Path(recipe.output_dir)
+    ctx = LoopContext(accelerator, collator, recipe.seed, resume_dir=out / ".resume" / name,
+                      log_dir=out / "logs" / name, progress=progress)
+    train_stage(model, plan, ctx, resume)
+    return plan.metrics
+
+
+def check_recipe(recipe: Recipe) -> dict[str, StageData]:
+    """Validate the stage order and every stage's data against the model; the data per stage."""
+    model_type = model_type_of(recipe.model)
+    converted = is_converted(model_type)
+    taxonomy = _saved_taxonomy(recipe.model) if converted else None
+    mose_kind = converted and taxonomy is not None
+    records = RecordCache()
+    data: dict[str, StageData] = {}
+    for name, stage in recipe.stages.items():
+        where = f"{recipe.source}: stage {name!r}"
+        if isinstance(stage, ConvertStage):
+            if converted:
+                raise RecipeError(f"{where}: the model is already converted; drop this stage or start "
+                                  "from a dense model")
+            cfg = stage.config()
+            converted, taxonomy = True, getattr(cfg, "taxonomy", None)
+            mose_kind = taxonomy is not None
+            continue
+        if isinstance(stage, BackboneStage) and converted:
+            raise RecipeError(f"{where}: backbone trains the dense model; put it before the convert stage")
+        if isinstance(stage, RouterStage | SFTStage) and not converted:
+            raise RecipeError(f"{where}: {stage.stage} needs a converted model; put a convert stage "
+                              "before it (or start from a converted model directory)")
+        if isinstance(stage, RouterStage) and not mose_kind:
+            raise RecipeError(f"{where}: router pretraining needs a MoSE model, not the token-MoE baseline")
+        data[name] = _stage_data(recipe, name, stage, records, taxonomy if mose_kind else None, where)
+    return data
+
+
+def _stage_data(recipe: Recipe, name: str, stage, records: RecordCache, taxonomy: Taxonomy | None,
+                where: str) -> StageData:
+    path = stage.data or recipe.data.train
+    if path is None:
+        raise RecipeError(f"{where}: no data; set data.train or stages.{name}.data")
+    try:
+        samples = records(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise RecipeError(f"{where}: {error}") from None
+    if isinstance(stage, RouterStage):
+        held = records(recipe.data.eval) if recipe.data.eval else None
+        train, held_out = labelled_split(samples, stage.labelled, stage.eval_size, recipe.seed, held)
+        if not train:
+            raise RecipeError(f"{where}: no record of {path} has skill labels; annotate it first "
+                              "(mose annotate)")
+        _check_skills(train + held_out, taxonomy, path, where)
+        return StageData(train, held_out, path)
+    train = fraction_of(samples, recipe.data.fraction, recipe.seed)
+    missing = next((s for s in train if s.answer is None and s.correct is None), None)
+    if missing is not None:
+        raise RecipeError(f"{where}: {path}, record {missing.id}: no answer to train on")
+    if isinstance(stage, SFTStage) and (stage.teacher_forcing or stage.skill_loss_weight):
+        if taxonomy is None:
+            raise RecipeError(f"{where}: teacher_forcing and skill_loss_weight need a MoSE model")
+        unlabelled = next((s for s in train if s.skills is None), None)
+        if unlabelled is not None:
+            raise RecipeError(f"{where}: {path}, record {unlabelled.id}: teacher_forcing / "
+                              "skill_loss_weight need skill labels on every record")
+        _check_skills(train, taxonomy, path, where)
+    return StageData(train, [], path)
+
+
+def _check_skills(samples: list[Sample], taxonomy: Taxonomy, path: str, where: str) -> None:
+    for sample in samples:
+        try:
+            taxonomy.encode(sample.skills)
+        except ValueError as error:
+            raise RecipeError(f"{where}: {path}, record {sample.id}, field 'skills': {error}") from None
+
+
+def _saved_taxonomy(model_dir: str) -> Taxonomy | None:
+    """The taxonomy of a converted model directory (None for the token-MoE baseline)."""
+    from mose.config import config_from_dict
+
+    cfg = config_from_dict(json.loads((Path(model_dir) / "config.json").read_text())["mose"])
+    return getattr(cfg, "taxonomy", None)

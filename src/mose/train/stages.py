@@ -1,0 +1,160 @@
+"""The training stages: what each one trains and the loss it trains with.
+
+- backbone: the dense model on answers (all of it, the language model, or the FFNs);
+- router:   only the routers, on skill labels, from the mean hidden states the
+            frozen model computes under no_grad: no backward through the model;
+- sft:      only the MoSE (or token-MoE) blocks, on answers, plus the optional
+            skill loss (MoSE) or the load-balancing loss (token MoE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mose.arch import arch_of
+from mose.config import MoSEConfig, resolve_layers
+from mose.data.collate import IGNORE, Collator, EncodedDataset
+from mose.layers import ExpertBlock, MoSEBlock, skill_routing_loss
+from mose.train.loop import Objective, StagePlan
+from mose.train.recipe import BackboneStage, RouterStage, SFTStage
+
+
+def backbone_plan(name: str, model: nn.Module, stage: BackboneStage, dataset: EncodedDataset) -> StagePlan:
+    arch = arch_of(model)
+    frozen: list[nn.Module] = []
+    if stage.trainable == "ffn":
+        layers = arch.layers(model)
+        trainable = [layers[i].mlp for i in resolve_layers(stage.layers, len(layers))]
+    else:
+        trainable = [model]
+        vision = arch.vision_tower(model)
+        if stage.trainable == "language" and vision is not None:
+            frozen = [vision]
+    return StagePlan(name, stage, dataset, trainable, answer_objective(model), frozen=frozen)
+
+
+def sft_plan(name: str, model: nn.Module, stage: SFTStage, dataset: EncodedDataset) -> StagePlan:
+    blocks = expert_blocks(model)
+    frozen = [] if stage.train_routers else [b.router for b in blocks]
+    coef = getattr(model.mose_config, "aux_loss_coef", 0.0)
+    objective = answer_objective(model, stage.skill_loss_weight, stage.teacher_forcing, coef)
+    return StagePlan(name, stage, dataset, list(blocks), objective, frozen=frozen)
+
+
+def router_plan(name: str, model: nn.Module, stage: RouterStage, dataset: EncodedDataset,
+                held_out: EncodedDataset, collator: Collator) -> StagePlan:
+    if not isinstance(model.mose_config, MoSEConfig):
+        raise ValueError(f"stage {name!r}: router pretraining needs a MoSE model, not the token-MoE baseline")
+    routers = [b.router for b in expert_blocks(model)]
+    return StagePlan(name, stage, dataset, routers, router_objective(model), distribute=False,
+                     evaluate=lambda m: router_accuracy(m, held_out, collator, stage.batch_size))
+
+
+def expert_blocks(model: nn.Module) -> list[ExpertBlock]:
+    blocks = [m for m in model.modules() if isinstance(m, ExpertBlock)]
+    if not blocks:
+        raise ValueError("the model has no MoSE or token-MoE blocks: convert it first")
+    return blocks
+
+
+def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_forcing: bool = False,
+                     aux_loss_coef: float = 0.0) -> Objective:
+    """Cross-entropy summed over answer tokens, plus the auxiliary routing losses."""
+
+    def objective(runner: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "skill_labels")}
+        if teacher_forcing:
+            inputs["skill_labels"] = batch["skill_labels"]
+        out = runner(**inputs)
+        labels = batch["labels"][:, 1:]  # (B, T-1): token t predicts t+1
+        logits = out.logits[:, :-1].float()  # (B, T-1, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+        tokens = (labels != IGNORE).sum()
+        if skill_loss_weight:
+            state = model.mose_state
+            skill = skill_routing_loss(state.router_logits, model.level_of_layer, batch["skill_labels"])
+            loss = loss + skill_loss_weight * tokens * skill
+        if aux_loss_coef and out.get("aux_loss") is not None:
+            loss = loss + aux_loss_coef * tokens * out["aux_loss"]
+        return loss
+
+    return objective
+
+
+def router_objective(model: nn.Module) -> Objective:
+    """The routers' skill loss on the pooled inputs of a no_grad forward (summed over samples)."""
+    blocks = [b for b in expert_blocks(model) if isinstance(b, MoSEBlock)]
+
+    def objective(_runner: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["skill_labels"]  # (B, L)
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "skill_labels")}
+        # Routes forced to the labels: each router sees the hidden states the model
+        # will have once the routers before it choose right.
+        with torch.no_grad(), stop_after_routers(model):
+            model(**inputs, skill_labels=labels)
+        pooled = model.mose_state.router_inputs
+        logits = {b.layer_idx: b.router(pooled[b.layer_idx].detach()) for b in blocks}  # (B, S) each
+        return skill_routing_loss(logits, model.level_of_layer, labels) * labels.shape[0]
+
+    return objective
+
+
+class _RoutersDone(Exception):
+    """Raised past the last MoSE layer: nothing above it matters for routing."""
+
+
+@contextmanager
+def stop_after_routers(model: nn.Module) -> Iterator[None]:
+    """Cut the forward short once every router has read its input."""
+    layers = arch_of(model).layers(model)
+    last = max(b.layer_idx for b in expert_blocks(model))
+    if last + 1 >= len(layers):
+        yield
+        return
+
+    def stop(*_args, **_kwargs) -> None:
+        raise _RoutersDone
+
+    handle = layers[last + 1].register_forward_pre_hook(stop)
+    try:
+        yield
+    except _RoutersDone:
+        pass
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def router_accuracy(model: nn.Module, dataset: EncodedDataset, collator: Collator,
+                    batch_size: int) -> dict[str, float]:
+    """Held-out accuracy of the routers' own choices: per level (over its layers) and whole chains."""
+    model.eval()
+    level_names = model.mose_config.taxonomy.level_names
+    correct = torch.zeros(len(level_names))
+    chains, count = 0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        labels = batch.pop("skill_labels")
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with stop_after_routers(model):
+            model(**batch)
+        chosen = {name: [] for name in level_names}
+        for layer, route in model.mose_state.routes.items():
+            level = model.level_of_layer[layer]
+            chosen[level_names[level]].append(route.experts[:, 0].cpu() == labels[:, level])
+        right = torch.stack([torch.stack(chosen[n]).float().mean(0) for n in level_names])  # (L, B)
+        correct += right.sum(dim=1)
+        chains += int((right == 1).all(dim=0).sum())
+        count += labels.shape[0]
+    if count == 0:
+        return {}
+    metrics = {f"router_acc/{name}": float(correct[i] / count) for i, name in enumerate(level_names)}
+    metrics["router_acc/chain"] = chains / count
+    return metrics

@@ -1,0 +1,184 @@
+"""Training stages on the tiny model: each stage, freezing, checkpoints, reload."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import mose
+from conftest import sharpen_routers
+from mose.data.world import generate
+from mose.models.loading import load_model
+from mose.models.processor import save_processor
+from mose.train import RecipeError, load_recipe, train
+from mose.train.recipe import recipe_from_dict
+
+FAST = {"batch_size": 4, "log_every": 1, "save_every": 0}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """48 labelled driving samples with images."""
+    return str(generate("driving", n=48, seed=0, out=tmp_path_factory.mktemp("world")))
+
+
+def recipe(tmp_path, world, stages, **top):
+    data = {"model": "tiny:qwen2_vl", "output_dir": str(tmp_path / "run"),
+            "data": {"train": world}, "stages": stages, **top}
+    return recipe_from_dict(data, source="test.yaml")
+
+
+def mose_stages(router=None, sft=None):
+    return {"convert": {"mose": {"taxonomy": "driving"}},
+            "router": {**FAST, "max_steps": 3, "lr": 1e-2, "eval_size": 8, **(router or {})},
+            "sft": {**FAST, "max_steps": 3, "lr": 1e-3, **(sft or {})}}
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_mose_recipe_trains_only_what_each_stage_owns(tmp_path, world):
+    results = train(recipe(tmp_path, world, mose_stages(sft={"skill_loss_weight": 0.1})), progress=False)
+    run = tmp_path / "run"
+    converted, _ = load_model(str(run / "convert"))
+    routed, _ = load_model(str(run / "router"))
+    tuned, _ = load_model(str(run / "sft"))
+    before, after_router, after_sft = params(converted), params(routed), params(tuned)
+    router_names = {n for n in before if ".router." in n}
+    block_names = {n for n in before if ".mlp." in n and any(f"layers.{i}.mlp" in n for i in (0, 2, 4))}
+    assert router_names and block_names > router_names
+    for name in before:
+        router_changed = not torch.equal(before[name], after_router[name])
+        assert router_changed == (name in router_names), name  # routers all move, nothing else does
+        if name not in block_names:
+            assert torch.equal(after_router[name], after_sft[name]), name  # frozen: bit-identical
+    assert any(not torch.equal(after_router[n], after_sft[n]) for n in block_names - router_names)
+    levels = [k for k in results["router"] if k.startswith("router_acc/")]
+    assert len(levels) == 4 and all(0 <= results["router"][k] <= 1 for k in levels)
+    assert results["sft"]["loss"] > 0
+
+
+def test_backbone_then_token_moe_and_dense_ffn(tmp_path, world):
+    stages = {"pretrain": {"stage": "backbone", **FAST, "max_steps": 2, "trainable": "language"},
+              "convert": {"token_moe": {"num_experts": 4}},
+              "sft": {**FAST, "max_steps": 2}}
+    train(recipe(tmp_path, world, stages), progress=False)
+    base, _ = mose.tiny_model("qwen2_vl", seed=0)
+    pretrained, _ = load_model(str(tmp_path / "run" / "pretrain"))
+    old, new = params(base), params(pretrained)
+    vision = [n for n in old if n.startswith("model.visual.")]
+    assert vision and all(torch.equal(old[n], new[n]) for n in vision)  # the vision tower stays frozen
+    assert not torch.equal(old["lm_head.weight"], new["lm_head.weight"])
+    moe, _ = load_model(str(tmp_path / "run" / "sft"))
+    assert isinstance(moe.mose_config, mose.TokenMoEConfig)
+
+    ffn_only = {"dense_sft": {"stage": "backbone", **FAST, "max_steps": 2, "trainable": "ffn"}}
+    train(recipe(tmp_path / "ffn", world, ffn_only), progress=False)
+    tuned = params(load_model(str(tmp_path / "ffn" / "run" / "dense_sft"))[0])
+    changed = {n for n in old if not torch.equal(old[n], tuned[n])}
+    assert changed and all(".mlp." in n and n.split(".layers.")[1].split(".")[0] in "024" for n in changed)
+
+
+def test_trained_directory_reloads_and_generates_with_skill_chains(tmp_path, world):
+    train(recipe(tmp_path, world, mose_stages()), progress=False)
+    model, processor = load_model(str(tmp_path / "run" / "sft"))
+    recipe_file = tmp_path / "run" / "sft" / "recipe.yaml"
+    assert "finished_stage: sft" in recipe_file.read_text()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is ahead?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from PIL import Image
+    inputs = processor(text=[text], images=[Image.new("RGB", (56, 56))], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4 or out[0, -1] == processor.tokenizer.eos_token_id
+    chain = model.skill_chains()[0]
+    assert [c.level for c in chain.choices] == ["perception", "prediction", "planning"]
+
+
+def test_a_dense_checkpoint_directory_trains_like_a_download(tmp_path, world):
+    model, processor = mose.tiny_model("qwen2_vl", seed=3)
+    checkpoint = tmp_path / "Qwen2-VL-tiny"
+    model.save_pretrained(checkpoint)
+    save_processor(processor, checkpoint)
+    train(recipe(tmp_path, world, mose_stages(), model=str(checkpoint)), progress=False)
+    trained, _ = load_model(str(tmp_path / "run" / "router"))
+    assert torch.equal(trained.lm_head.weight, model.lm_head.weight)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, world):
+    from mose.data import read_jsonl
+    from mose.data.collate import Collator, EncodedDataset, SampleEncoder
+    from mose.train.stages import answer_objective
+
+    model, processor = tiny("qwen2_vl")
+    mose.convert(model, mose.MoSEConfig(taxonomy="driving"))
+    sharpen_routers(model)
+    samples = list(read_jsonl(world))[:6]
+    dataset = EncodedDataset(samples, SampleEncoder(processor, model.mose_config.taxonomy))
+    batch = Collator(processor.tokenizer.pad_token_id)(dataset.items)
+    results = []
+    for checkpointing in (False, True):
+        copy_ = copy.deepcopy(model).train()
+        if checkpointing:
+            copy_.activation_checkpointing_enable({"use_reentrant": False})
+        loss = answer_objective(copy_, skill_loss_weight=0.5)(copy_, batch)
+        loss.backward()
+        routes = {i: r.experts.clone() for i, r in copy_.mose_state.routes.items()}
+        grads = {n: p.grad.clone() for n, p in copy_.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), routes, grads))
+    (loss_a, routes_a, grads_a), (loss_b, routes_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert all(torch.equal(routes_a[i], routes_b[i]) for i in routes_a)
+    assert any(r[:, 0].unique().numel() > 1 for r in routes_a.values())  # samples really differ
+    assert grads_a.keys() == grads_b.keys()
+    router_grads = [n for n in grads_a if ".router." in n]
+    assert router_grads and all(grads_a[n].abs().sum() > 0 for n in router_grads)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_recipe_errors_name_the_key_before_any_work(tmp_path, world):
+    with pytest.raises(RecipeError, match="unknown key 'stages.sft.learning_rate'"):
+        recipe(tmp_path, world, {"convert": {"mose": {}}, "sft": {"learning_rate": 1}})
+    with pytest.raises(RecipeError, match="'stages.sft.batch_size' is 'big'"):
+        recipe(tmp_path, world, {"convert": {"mose": {}}, "sft": {"batch_size": "big"}})
+    with pytest.raises(RecipeError, match="stage 'sft': sft needs a converted model"):
+        train(recipe(tmp_path, world, {"sft": {}, "convert": {"mose": {}}}))
+    with pytest.raises(RecipeError, match="router pretraining needs a MoSE model"):
+        train(recipe(tmp_path, world, {"convert": {"token_moe": {}}, "router": {}}))
+    unlabelled = tmp_path / "plain.jsonl"
+    rows = [json.loads(line) for line in open(world)]
+    unlabelled.write_text("".join(json.dumps({**r, "skills": None}) + "\n" for r in rows))
+    with pytest.raises(RecipeError, match="no record of .* has skill labels"):
+        train(recipe(tmp_path, str(unlabelled), mose_stages()))
+    with pytest.raises(RecipeError, match="no such data file"):
+        train(recipe(tmp_path, str(tmp_path / "missing.jsonl"), mose_stages()))
+    with pytest.raises(ValueError, match="no such directory"):
+        train(recipe(tmp_path, world, mose_stages(), model=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_finished_runs_need_resume_and_resume_skips_finished_stages(tmp_path, world):
+    r = recipe(tmp_path, world, mose_stages())
+    train(r, progress=False)
+    with pytest.raises(RecipeError, match="pass --resume"):
+        train(r, progress=False)
+    results = train(r, resume=True, progress=False)
+    assert all(results[n]["skipped"] for n in ("convert", "router", "sft"))
+
+
+def test_load_recipe_merges_base_and_applies_overrides(tmp_path, world):
+    (tmp_path / "base.yaml").write_text(
+        f"model: tiny:qwen2_vl\noutput_dir: {tmp_path}/run\ndata: {{train: {world}}}\n"
+        "stages:\n  convert: {mose: {taxonomy: driving}}\n  sft: {lr: 1.0e-4, batch_size: 4}\n")
+    (tmp_path / "moe.yaml").write_text("base: base.yaml\nstages:\n  convert: {mose: null, "
+                                       "token_moe: {num_experts: 8}}\n  sft: {lr: 2e-4}\n")
+    r = load_recipe(tmp_path / "moe.yaml", ["stages.sft.grad_accum=2", "data.fraction=0.5", "seed=3"])
+    assert r.stages["sft"].lr == 2e-4 and r.stages["sft"].batch_size == 4
+    assert r.stages["sft"].grad_accum == 2 and r.data.fraction == 0.5 and r.seed == 3
+    assert r.stages["convert"].config().num_experts == 8
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe(tmp_path / "moe.yaml", ["stages.sft.lr"])
