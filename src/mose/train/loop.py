@@ -93,11 +93,11 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext, resume: boo
         for step in range(start, total):
             batches = [ctx.collator([plan.dataset[i] for i in rows])
                        for rows in order.micro_batches(step, acc.process_index)]
-            loss = _step(runner, plan, batches, optimizer, params, acc)
+            loss, grad_norm = _step(runner, plan, batches, optimizer, params, acc)
             scheduler.step()
             done = step + 1
             if done % opts.log_every == 0 or done == total:
-                logger.log(done, {"loss": loss, "lr": scheduler.get_last_lr()[0]},
+                logger.log(done, {"loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]},
                            samples=order.per_step)
             else:
                 logger.advance(done, order.per_step)
@@ -115,8 +115,9 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext, resume: boo
 
 
 def _step(runner: nn.Module, plan: StagePlan, batches: list[dict[str, torch.Tensor]],
-          optimizer: torch.optim.Optimizer, params: list[nn.Parameter], acc: Accelerator) -> float:
-    """One optimizer step over the micro-batches; the step's mean loss over all processes."""
+          optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+          acc: Accelerator) -> tuple[float, float]:
+    """One optimizer step over the micro-batches: (mean loss over all processes, gradient norm)."""
     items = sum(_items(plan, b) for b in batches)
     global_items = acc.reduce(torch.tensor(float(items), device=acc.device), "sum").item()
     # The process-mean of gradients (DDP) times `world` makes the sum over all items.
@@ -138,13 +139,15 @@ def _step(runner: nn.Module, plan: StagePlan, batches: list[dict[str, torch.Tens
         for p in params:  # the router stage: tiny parameters, all-reduced here
             if p.grad is not None:
                 p.grad = acc.reduce(p.grad, "mean")
-    if plan.options.max_grad_norm and plan.distribute:
-        acc.clip_grad_norm_(params, plan.options.max_grad_norm)  # unscales fp16, knows FSDP shards
-    elif plan.options.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, plan.options.max_grad_norm)
+    max_norm = plan.options.max_grad_norm or math.inf  # inf: measure, do not clip
+    if plan.distribute:
+        grad_norm = acc.clip_grad_norm_(params, max_norm)  # unscales fp16, knows FSDP shards
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return acc.reduce(torch.tensor(total, device=acc.device), "sum").item() / max(global_items, 1.0)
+    loss = acc.reduce(torch.tensor(total, device=acc.device), "sum").item() / max(global_items, 1.0)
+    return loss, float(grad_norm)
 
 
 def _items(plan: StagePlan, batch: dict[str, torch.Tensor]) -> float:

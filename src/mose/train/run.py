@@ -78,8 +78,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
             shutil.rmtree(out / ".resume" / name, ignore_errors=True)
         accelerator.wait_for_everyone()
         results[name] = {"output": str(out / name), **metrics}
-        console.print(f"[green]stage {name} done[/green] → {out / name} " +
-                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        if accelerator.is_main_process:
+            console.print(f"[green]stage {name} done[/green] → {out / name} " +
+                          " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     if accelerator.is_main_process:
         summary = {"world_size": accelerator.num_processes, "stages": results}
         (out / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -93,7 +94,10 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
             "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
     # Experts that no sample of a micro-batch chose get no gradient; DDP must allow it.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp])
+    # Without cpu=True, processes started by `accelerate launch` on a machine with no GPU
+    # each run alone (DistributedType.NO) instead of joining one gloo group.
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp],
+                       cpu=not torch.cuda.is_available())
 
 
 def _run_training(model, processor, recipe: Recipe, name: str, stage, data: StageData,
