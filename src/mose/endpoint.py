@@ -14,7 +14,17 @@ from typing import Any
 
 
 class EndpointError(RuntimeError):
-    """The endpoint could not answer (after retries, or for a non-transient reason)."""
+    """The endpoint could not answer (after retries, or for a non-transient reason).
+
+    `transient` says the retries ran out on failures that may pass (a judge counts
+    that sample as failed and goes on); `status` is the HTTP status when there was
+    one (401, 403, 404 mean the settings are wrong, not the sample).
+    """
+
+    def __init__(self, message: str, status: int | None = None, transient: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.transient = transient
 
 
 @dataclass
@@ -48,8 +58,10 @@ class ChatEndpoint:
             except transient as error:
                 if attempt == self.max_retries:
                     raise EndpointError(f"{self.base_url}: no answer after {attempt + 1} tries: "
-                                        f"{error}") from None
+                                        f"{error}", status=getattr(error, "status_code", None),
+                                        transient=True) from None
                 time.sleep(self.backoff_s * 2**attempt)
             except openai.APIError as error:
-                raise EndpointError(f"{self.base_url}: {error}") from None
+                raise EndpointError(f"{self.base_url}: {error}",
+                                    status=getattr(error, "status_code", None)) from None
         raise AssertionError("unreachable")
