@@ -179,6 +179,39 @@ def train(
 
 
 @app.command()
+def score(
+    bench: str = typer.Argument(..., help="robo2vlm, world, drivelm or coda-lm"),
+    pred: Path = typer.Option(..., help="predictions JSONL ({id, answer, skill_chain} per line)"),
+    ref: Path = typer.Option(..., help="sample-record JSONL with the reference answers"),
+    out: Path | None = typer.Option(None, help="scores JSON to write"),
+    judge_model: str | None = typer.Option(None, envvar="MOSE_JUDGE_MODEL",
+                                           help="coda-lm: the judge (the paper's: gpt-4o-2024-05-13)"),
+    judge_base_url: str | None = typer.Option(None, envvar=["MOSE_JUDGE_BASE_URL", "OPENAI_BASE_URL"],
+                                              help="coda-lm: OpenAI-compatible endpoint of the judge"),
+    judge_key_env: str = typer.Option("OPENAI_API_KEY", help="environment variable holding the key"),
+    cache: Path | None = typer.Option(None, help="coda-lm: judgment cache folder (default: "
+                                      "judge-cache/ beside PRED); a rerun asks only what is missing"),
+    workers: int = typer.Option(8, help="coda-lm: parallel judge requests"),
+    timeout: float = typer.Option(60.0, help="coda-lm: seconds per judge request"),
+) -> None:
+    """Score predictions on a benchmark, print a table and optionally write JSON."""
+    from mose.endpoint import EndpointError
+    from mose.eval.score import score as score_predictions
+    from mose.eval.score import table, write_scores
+
+    try:
+        scores = score_predictions(bench, pred, ref, progress=True, judge_model=judge_model,
+                                   judge_base_url=judge_base_url, api_key_env=judge_key_env,
+                                   cache_dir=cache, workers=workers, timeout_s=timeout)
+    except (ValueError, EndpointError) as error:
+        fail(error)
+    console.print(table(bench, scores))
+    if out is not None:
+        write_scores(out, scores)
+        console.print(f"wrote {out}")
+
+
+@app.command()
 def taxonomy(name: str = typer.Argument("driving", help="built-in name or YAML path")) -> None:
     """Show a skill taxonomy: its levels, in order, and their skills."""
     from mose.skills.taxonomy import load_taxonomy
