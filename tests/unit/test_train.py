@@ -182,3 +182,17 @@ def test_load_recipe_merges_base_and_applies_overrides(tmp_path, world):
     assert r.stages["convert"].config().num_experts == 8
     with pytest.raises(RecipeError, match="expected KEY=VALUE"):
         load_recipe(tmp_path / "moe.yaml", ["stages.sft.lr"])
+
+
+def test_every_shipped_recipe_loads(world):
+    from pathlib import Path
+
+    root = Path(__file__).parents[2] / "configs"
+    recipes = [p for p in root.rglob("*.yaml")
+               if p.parent.name != "accelerate" and not p.name.startswith("_")]
+    assert len(recipes) == 11
+    for path in recipes:
+        loaded = load_recipe(path, [f"data.train={world}"])
+        assert loaded.stages, path
+    moe = load_recipe(root / "coda-lm" / "moe-8x1.yaml")
+    assert list(moe.stages) == ["convert", "sft"] and moe.stages["convert"].config().num_experts == 8

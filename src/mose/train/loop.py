@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from transformers import get_scheduler
@@ -72,9 +73,18 @@ def freeze_all_but(model: nn.Module, trainable: list[nn.Module],
     return named
 
 
-def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext, resume: bool) -> None:
-    """Run one stage's optimizer steps on `model` in place, resumable from ctx.resume_dir."""
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
+                resume: bool) -> dict[str, torch.Tensor] | None:
+    """Run one stage's optimizer steps on `model` in place, resumable from ctx.resume_dir.
+
+    Returns the full state dict gathered from the shards under FSDP or DeepSpeed
+    (the model's own parameters are then partitioned), else None.
+    """
     acc, opts = ctx.accelerator, plan.options
+    sharded = plan.distribute and acc.distributed_type in SHARDED
     named = freeze_all_but(model, plan.trainable, plan.frozen)
     params = [p for _, p in named]
     order = BatchOrder(len(plan.dataset), opts.batch_size, opts.grad_accum, acc.num_processes, ctx.seed)
@@ -101,7 +111,8 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext, resume: boo
                            samples=order.per_step)
             else:
                 logger.advance(done, order.per_step)
-            if opts.save_every and done % opts.save_every == 0 and done < total:
+            # Resume states hold whole trainable tensors, which sharded runs do not have.
+            if opts.save_every and done % opts.save_every == 0 and done < total and not sharded:
                 _save_resume(acc, named, optimizer, scheduler, ctx.resume_dir, done)
         if plan.evaluate is not None:
             logger.write(total, plan.evaluate(acc.unwrap_model(runner)))
@@ -111,7 +122,9 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext, resume: boo
             model.activation_checkpointing_disable()
         model.eval()
     plan.metrics.update(logger.last)
+    state_dict = acc.get_state_dict(runner) if sharded else None
     acc.free_memory()  # drop accelerate's references to this stage's model and optimizer
+    return state_dict
 
 
 def _step(runner: nn.Module, plan: StagePlan, batches: list[dict[str, torch.Tensor]],
@@ -147,7 +160,7 @@ def _step(runner: nn.Module, plan: StagePlan, batches: list[dict[str, torch.Tens
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = acc.reduce(torch.tensor(total, device=acc.device), "sum").item() / max(global_items, 1.0)
-    return loss, float(grad_norm)
+    return loss, math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed clips itself
 
 
 def _items(plan: StagePlan, batch: dict[str, torch.Tensor]) -> float:

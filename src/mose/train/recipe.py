@@ -13,8 +13,9 @@ of stages; each stage's `stage:` (default: its name) is one of `backbone`,
       sft: {epochs: 1, lr: 1.0e-4}
 
 `base: other.yaml` (relative to the recipe) is read first and deep-merged
-under the recipe. Overrides use dotted keys (`stages.sft.lr=3e-4`,
-`data.fraction=0.5`) and YAML values.
+under the recipe; a key set to null there removes the base's (`router: null`
+drops that stage). Overrides use dotted keys (`stages.sft.lr=3e-4`,
+`data.fraction=0.5`, `stages.router=null`) and YAML values.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class DataOptions:
     eval: str | None = None  # labelled held-out records for router accuracy (default: split off train)
     fraction: float = 1.0  # of the answer data (backbone, sft): for data-size studies
     max_length: int | None = None  # tokens per sample; longer answers are cut
+    max_pixels: int | None = None  # cap on an image's pixels (448*448 = 256 tokens); saved with the model
 
 
 @dataclass
@@ -144,7 +146,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     stages = data.pop("stages", None)
     if not isinstance(stages, dict) or not stages:
         raise RecipeError(f"{source}: key 'stages' must be a non-empty mapping of stage name → options")
-    data["stages"] = {name: _stage(name, options, source) for name, options in stages.items()}
+    data["stages"] = {name: _stage(name, options, source) for name, options in stages.items()
+                      if options is not None}  # a stage set to null is dropped
     data["data"] = _build(DataOptions, data.get("data") or {}, source, "data")
     return _build(Recipe, {**data, "source": source}, source, "")
 
@@ -246,6 +249,9 @@ def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
+        if value is None:
+            merged.pop(key, None)
+            continue
         both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = _merge(merged[key], value) if both_maps else value
     return merged

@@ -64,17 +64,21 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     start_from = recipe.model if first == 0 else str(out / names[first - 1])
     model, processor = load_model(start_from, seed=recipe.seed, dtype=DTYPES[recipe.dtype])
     model.to(accelerator.device)
+    if recipe.data.max_pixels:
+        cap_image_pixels(processor, recipe.data.max_pixels)
     for name in names[first:]:
         set_seed(recipe.seed)  # a stage's randomness never depends on the stages before it
         stage = recipe.stages[name]
         metrics: dict[str, Any] = {}
+        state_dict = None
         if isinstance(stage, ConvertStage):
             convert(model, stage.config())
         else:
-            metrics = _run_training(model, processor, recipe, name, stage, data[name], accelerator,
-                                    resume, progress)
+            metrics, state_dict = _run_training(model, processor, recipe, name, stage, data[name],
+                                                accelerator, resume, progress)
         if accelerator.is_main_process:
-            save_model(model, processor, out / name, {**recipe.to_dict(), "finished_stage": name})
+            save_model(model, processor, out / name, {**recipe.to_dict(), "finished_stage": name},
+                       state_dict)
             shutil.rmtree(out / ".resume" / name, ignore_errors=True)
         accelerator.wait_for_everyone()
         results[name] = {"output": str(out / name), **metrics}
@@ -100,8 +104,18 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
                        cpu=not torch.cuda.is_available())
 
 
+def cap_image_pixels(processor: Any, max_pixels: int) -> None:
+    """Images larger than `max_pixels` are resized down by the processor (aspect kept)."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return
+    shortest = min(image_processor.size["shortest_edge"], max_pixels)
+    image_processor.size = {"shortest_edge": shortest, "longest_edge": max_pixels}
+
+
 def _run_training(model, processor, recipe: Recipe, name: str, stage, data: StageData,
-                  accelerator: Accelerator, resume: bool, progress: bool) -> dict[str, Any]:
+                  accelerator: Accelerator, resume: bool,
+                  progress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     taxonomy = getattr(getattr(model, "mose_config", None), "taxonomy", None)
     encoder = SampleEncoder(processor, taxonomy, recipe.data.max_length, source=data.source)
     collator = Collator(getattr(processor, "tokenizer", processor).pad_token_id, padding_side="right")
@@ -118,8 +132,8 @@ def _run_training(model, processor, recipe: Recipe, name: str, stage, data: Stag
     out = Path(recipe.output_dir)
     ctx = LoopContext(accelerator, collator, recipe.seed, resume_dir=out / ".resume" / name,
                       log_dir=out / "logs" / name, progress=progress)
-    train_stage(model, plan, ctx, resume)
-    return plan.metrics
+    state_dict = train_stage(model, plan, ctx, resume)
+    return plan.metrics, state_dict
 
 
 def check_recipe(recipe: Recipe) -> dict[str, StageData]:
