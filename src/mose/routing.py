@@ -75,6 +75,11 @@ class RoutingState:
     # counted only when asked (`tokens_per_expert`), so decoding does not pay for it.
     assignments: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
 
+    def __deepcopy__(self, memo: dict) -> RoutingState:
+        # What a forward leaves here (router logits with their graph) belongs to that
+        # forward; a copied model starts clean, its blocks sharing the one new state.
+        return RoutingState()
+
     def begin(
         self,
         *,

@@ -178,3 +178,17 @@ def test_balance_loss_is_one_when_balanced_and_num_experts_when_collapsed():
     assert load_balancing_loss(collapsed, torch.full((8, 1), 2)).item() == pytest.approx(4.0)
     mask = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0])  # padding does not count
     assert load_balancing_loss(collapsed, torch.full((8, 1), 2), mask).item() == pytest.approx(4.0)
+
+
+def test_a_model_copies_after_a_training_forward(tiny):
+    import copy
+
+    model, processor = tiny("qwen2_vl")
+    model = mose.convert(model, mose.MoSEConfig())
+    model(**vl_batch(processor, [0, 1]), skill_labels=[{}, {}]).router_loss.backward()
+    clone = copy.deepcopy(model)
+    states = {id(block.state) for block in mose_blocks(clone)}
+    assert states == {id(clone.mose_state)} and clone.mose_state is not model.mose_state
+    inputs = vl_batch(processor, [0])
+    with torch.no_grad():
+        assert torch.allclose(clone(**inputs).logits, model(**inputs).logits)
