@@ -1,0 +1,100 @@
+"""Route-aware batching: generate together the prompts that share their route.
+
+A MoSE layer reads one skill expert per distinct skill in a batch, so a decode
+step over a batch that spreads over three skills reads 1 + 3 FFNs where the
+FLOP ideal assumes 1 + k (`bench/README.md`). Routes depend on the prompt only
+(never on padding or batch mates), so they can be decided first, by a forward
+cut short once the last MoSE layer's router has run, and prompts grouped by
+their full route (the experts chosen at every MoSE layer) before generating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from mose.config import MoSEConfig
+
+# Per MoSE layer, in layer order: the experts chosen there (k of them, sorted: what a
+# decode step reads is the set, not the rank order).
+RouteKey = tuple[tuple[int, ...], ...]
+
+
+class _RoutesDecided(Exception):
+    """Raised once the last MoSE layer has routed: the rest of the forward is not needed."""
+
+
+def is_mose(model: Any) -> bool:
+    """A converted MoSE model (dense and token-MoE models route nothing per sample)."""
+    return isinstance(getattr(model, "mose_config", None), MoSEConfig)
+
+
+@contextmanager
+def routing_only(model: Any) -> Iterator[None]:
+    """Inside the block, a forward of a MoSE model stops right after its last router.
+
+    The stop is a forward pre-hook on the last MoSE decoder layer, registered
+    after the block's own routing pre-hook (hooks run in registration order),
+    so the route is chosen and neither that layer nor any later one runs.
+    """
+    layers = model.mose_arch.layers(model)
+    last = max(model.level_of_layer)
+
+    def stop(_layer: torch.nn.Module, _args: tuple, _kwargs: dict) -> None:
+        raise _RoutesDecided
+
+    handle = layers[last].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def route_keys(model: Any, inputs: Mapping[str, torch.Tensor]) -> list[RouteKey]:
+    """Each prompt's full route, from a forward over the batch that stops after the last router."""
+    if not is_mose(model):
+        raise TypeError(f"{type(model).__name__} is not a MoSE model: it has no per-sample routes")
+    with torch.no_grad(), routing_only(model):
+        try:
+            model(**inputs, use_cache=False)
+        except _RoutesDecided:
+            pass
+    return current_route_keys(model)
+
+
+def current_route_keys(model: Any) -> list[RouteKey]:
+    """Each sample's full route in the model's last forward or generate."""
+    routes = model.mose_state.routes
+    if not routes:
+        raise RuntimeError("no routes recorded yet: run a forward pass or generate() first")
+    experts = torch.stack([routes[i].experts for i in sorted(routes)], dim=1)  # (B, M, k)
+    return [tuple(tuple(sorted(layer)) for layer in sample) for sample in experts.tolist()]
+
+
+def plain_batches(count: int, batch_size: int) -> list[list[int]]:
+    """Indices 0..count-1 in order, cut into batches."""
+    check_batch_size(batch_size)
+    return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+
+
+def route_aware_batches(keys: Sequence[Hashable], batch_size: int) -> list[list[int]]:
+    """Indices grouped by key, then cut into batches that each share one key.
+
+    Groups come in the order of their first member, members in input order, so
+    the plan is deterministic; only a group's last batch may be short.
+    """
+    check_batch_size(batch_size)
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return [rows[start:start + batch_size] for rows in groups.values()
+            for start in range(0, len(rows), batch_size)]
+
+
+def check_batch_size(batch_size: int) -> None:
+    """A clear error for a batch size that is not a positive int."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

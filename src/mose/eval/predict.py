@@ -1,0 +1,324 @@
+"""Answers with their skill chains: batched, resumable generation over sample records.
+
+Every question gets one forward pass (no multi-round dialogue) on the prompt
+training built (`SampleEncoder`, left-padded), and its route is decided once
+on that prompt. The predictions file holds one JSON object per line,
+`{"id", "answer", "skill_chain"}`, in input order; `skill_chain` maps each
+level to `{"skill", "prob"}` for a MoSE model and is null for a dense or a
+token-MoE model.
+
+Resuming: results are appended to `OUT.partial` after every batch; a rerun
+skips the ids found there (a torn last line, as a kill leaves it, is dropped)
+and, once every id is answered, the records are written to OUT in input order
+and the partial file removed. So OUT exists only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from mose.data.collate import Collator, SampleEncoder
+from mose.data.schema import Sample, atomic_path
+from mose.eval.batching import (
+    check_batch_size,
+    is_mose,
+    plain_batches,
+    route_aware_batches,
+    route_keys,
+)
+from mose.routing import SkillChain
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One answer and the skill chain that explains it (None for non-MoSE models)."""
+
+    id: str
+    answer: str
+    skill_chain: dict[str, dict[str, Any]] | None
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.id, "answer": self.answer, "skill_chain": self.skill_chain},
+                          ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str, line: int) -> Prediction:
+        """Checks what this module writes; extra fields (from other tools) are ignored."""
+        chain = data.get("skill_chain") if isinstance(data, dict) else None
+        if not (isinstance(data, dict) and isinstance(data.get("id"), str) and data["id"]
+                and isinstance(data.get("answer"), str) and (chain is None or isinstance(chain, dict))):
+            raise ValueError(f"{source}, line {line}: expected an object with a non-empty string id, "
+                             f"a string answer and a skill_chain object or null, "
+                             f"got {json.dumps(data)[:200]}")
+        return cls(data["id"], data["answer"], chain)
+
+
+def chain_dict(chain: SkillChain) -> dict[str, dict[str, Any]]:
+    """The JSON form of a skill chain: level → {"skill", "prob"}, levels in order."""
+    return {c.level: {"skill": c.skill, "prob": round(c.prob, 4)} for c in chain.choices}
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How answers are decoded: greedy by default, or sampled with temperature and top-p."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        # Explicit values override a checkpoint's generation_config (Qwen2-VL ships
+        # do_sample with top_k=1): greedy means greedy, sampling means these settings.
+        if not self.do_sample:
+            return dict(max_new_tokens=self.max_new_tokens, do_sample=False,
+                        temperature=None, top_p=None, top_k=None)
+        return dict(max_new_tokens=self.max_new_tokens, do_sample=True,
+                    temperature=self.temperature, top_p=self.top_p, top_k=None)
+
+
+class Answerer:
+    """Encodes samples as training does, generates a batch, decodes it with its skill chains."""
+
+    def __init__(self, model: Any, processor: Any, options: GenerationOptions | None = None,
+                 source: str = "samples") -> None:
+        """`source` (the data file, say) is what error messages name as the file."""
+        self.model = model
+        self.options = options or GenerationOptions()
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.encoder = SampleEncoder(processor, source=source)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = self.tokenizer.eos_token_id if pad is None else pad
+        self.collate = Collator(self.pad_token_id, padding_side="left")
+        self.mose = is_mose(model)
+
+    def inputs(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """The left-padded prompts of a batch, on the model's device (images loaded here)."""
+        batch = self.collate([self.encoder(s, with_answer=False) for s in samples])
+        batch.pop("labels")  # all IGNORE: there is no answer in a prompt
+        return {k: v.to(self.model.device) for k, v in batch.items()}
+
+    def routes(self, samples: Sequence[Sample]) -> list[Any]:
+        """Each prompt's full route (MoSE), or None each (other models: nothing to group by)."""
+        if not self.mose:
+            return [None] * len(samples)
+        return route_keys(self.model, self.inputs(samples))
+
+    def answer(self, samples: Sequence[Sample]) -> list[Prediction]:
+        inputs = self.inputs(samples)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, **self.options.generate_kwargs(),
+                                      pad_token_id=self.pad_token_id)
+        # Left padding ends every prompt at the same column: the rest is new tokens.
+        new = out[:, inputs["input_ids"].shape[1]:]  # (B, N)
+        answers = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        chains = ([chain_dict(c) for c in self.model.skill_chains()] if self.mose
+                  else [None] * len(samples))
+        return [Prediction(s.id, a.strip(), c) for s, a, c in zip(samples, answers, chains, strict=True)]
+
+
+@dataclass(frozen=True)
+class PredictReport:
+    out_path: Path
+    total: int  # samples in the input
+    generated: int  # answered in this run
+    resumed: int  # found in OUT.partial from an earlier run
+    batches: int  # generation batches in this run
+    routes: int | None  # distinct full routes among this run's samples (MoSE with route-aware batching)
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def partial_path(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + PARTIAL_SUFFIX)
+
+
+def predict(model: Any, processor: Any, samples: Iterable[Sample], out_path: str | Path, *,
+            batch_size: int = 8, max_new_tokens: int = 256, do_sample: bool = False,
+            temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, route_aware: bool = True,
+            progress: bool = True, source: str = "samples") -> PredictReport:
+    """Answer every sample and write OUT (JSONL, input order), resuming from OUT.partial.
+
+    Args:
+        samples: sample records (`mose.data.read_jsonl`); ids must be unique.
+        route_aware: MoSE models route every prompt first (a forward that stops
+            after the last router) and generate prompts sharing their full route
+            together, which keeps decoding at one skill expert per MoSE layer.
+            Answers are those of plain batching; only speed changes. No effect
+            on dense or token-MoE models.
+        seed: seeds sampling (`do_sample`); greedy decoding does not use it.
+        source: the data file's name, for error messages (a missing image is a
+            DataError naming file, record and field).
+    Returns:
+        what was done; a complete OUT is left alone (`generated == 0`).
+    """
+    options = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, seed)
+    samples = list(samples)
+    check_batch_size(batch_size)  # before any work
+    ids = _unique_ids(samples, source)
+    out_path, partial = Path(out_path), partial_path(out_path)
+    begin = time.perf_counter()
+    if out_path.exists():
+        _check_complete(out_path, ids)
+        partial.unlink(missing_ok=True)  # left over if a run died between rename and cleanup
+        return PredictReport(out_path, len(ids), 0, 0, 0, None, time.perf_counter() - begin)
+    done = _resume(partial, set(ids))
+    resumed = len(done)
+    todo = [s for s in samples if s.id not in done]
+    answerer = Answerer(model, processor, options, source)
+    routes = None
+    batches: list[list[int]] = []
+    with _eval_mode(model), _progress(progress) as bar:
+        if do_sample:
+            torch.manual_seed(seed)
+        if route_aware and answerer.mose and todo:
+            keys = _route_all(answerer, todo, batch_size, bar)
+            routes = len(set(keys))
+            batches = route_aware_batches(keys, batch_size)
+        else:
+            batches = plain_batches(len(todo), batch_size)
+        task = bar.add_task("answering", total=len(todo))
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("a", encoding="utf-8") as log:
+            for rows in batches:
+                predictions = answerer.answer([todo[i] for i in rows])
+                log.write("".join(p.to_json() + "\n" for p in predictions))
+                log.flush()  # a kill loses at most the batch being generated
+                done.update((p.id, p) for p in predictions)
+                bar.advance(task, len(rows))
+    _finish(out_path, partial, ids, done)
+    return PredictReport(out_path, len(ids), len(todo), resumed, len(batches), routes,
+                         time.perf_counter() - begin)
+
+
+def read_predictions(path: str | Path) -> dict[str, Prediction]:
+    """The predictions of a complete file (`predict`'s OUT), by id, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such predictions file")
+    found: dict[str, Prediction] = {}
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                prediction = _parse_line(line, str(path), number)
+                found[prediction.id] = prediction
+    return found
+
+
+def _route_all(answerer: Answerer, samples: list[Sample], batch_size: int, bar: Progress) -> list[Any]:
+    task = bar.add_task("routing", total=len(samples))
+    keys = []
+    for rows in plain_batches(len(samples), batch_size):
+        keys += answerer.routes([samples[i] for i in rows])
+        bar.advance(task, len(rows))
+    return keys
+
+
+def _unique_ids(samples: Sequence[Sample], source: str) -> list[str]:
+    ids, seen = [], set()
+    for sample in samples:
+        if sample.id in seen:
+            raise ValueError(f"{source}, record {sample.id}, field 'id': the id repeats; "
+                             "predictions are keyed by id, so ids must be unique")
+        seen.add(sample.id)
+        ids.append(sample.id)
+    return ids
+
+
+def _check_complete(out_path: Path, ids: list[str]) -> None:
+    missing = [i for i in ids if i not in read_predictions(out_path)]
+    if missing:
+        raise ValueError(f"{out_path}: exists but lacks {len(missing)} of the {len(ids)} input ids "
+                         f"(first: {missing[0]!r}); it was written for other data: remove it "
+                         "or choose another output path")
+
+
+def _resume(partial: Path, ids: set[str]) -> dict[str, Prediction]:
+    """Predictions already in OUT.partial; a torn last line (no newline yet) is cut off."""
+    if not partial.is_file():
+        return {}
+    data = partial.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]  # whole lines only: a kill may leave half a line
+    if len(complete) < len(data):
+        with partial.open("r+b") as handle:
+            handle.truncate(len(complete))
+    done: dict[str, Prediction] = {}
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        prediction = _parse_line(line, str(partial), number)
+        if prediction.id not in ids:
+            raise ValueError(f"{partial}, line {number}: id {prediction.id!r} is not in the input; "
+                             "this partial file belongs to other data: remove it to start over")
+        done[prediction.id] = prediction
+    return done
+
+
+def _parse_line(line: str, source: str, number: int) -> Prediction:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source}, line {number}: malformed JSON ({error})") from None
+    return Prediction.from_dict(data, source, number)
+
+
+def _finish(out_path: Path, partial: Path, ids: list[str], done: Mapping[str, Prediction]) -> None:
+    """Write OUT in input order (atomically, so OUT exists only complete), then drop the partial."""
+    with atomic_path(out_path) as temp, temp.open("w", encoding="utf-8") as out:
+        out.write("".join(done[i].to_json() + "\n" for i in ids))
+    partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:.2f} samples/s", style="progress.data.speed")
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    disable=not enabled)
