@@ -179,6 +179,70 @@ def train(
 
 
 @app.command()
+def predict(
+    model: str = typer.Option(..., help="model directory (mose, token-MoE or dense), tiny:KIND or Hub id"),
+    data: Path = typer.Option(..., help="sample-record JSONL to answer"),
+    out: Path = typer.Option(..., help="predictions JSONL: {id, answer, skill_chain} per line"),
+    batch_size: int = typer.Option(8, help="questions per generation batch"),
+    max_new_tokens: int = typer.Option(256, help="longest answer, in tokens"),
+    do_sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
+    temperature: float = typer.Option(1.0, help="with --do-sample"),
+    top_p: float = typer.Option(1.0, help="with --do-sample"),
+    seed: int = typer.Option(0, help="with --do-sample"),
+    route_aware: bool = typer.Option(True, help="batch questions that share their skill route "
+                                     "(same answers, faster decoding)"),
+    format: str | None = typer.Option(None, "--format", help="coda-lm: also write the answer files "
+                                      "CODA-LM's evaluation reads, in OUT's folder under coda-lm/"),
+) -> None:
+    """Answer every question in one forward pass, with its skill chain; resumable."""
+    from mose.data import DataError, read_jsonl
+    from mose.eval.coda_lm import write_coda_lm_answers
+    from mose.eval.predict import predict as predict_all
+    from mose.models.loading import load_model
+
+    if format not in (None, "coda-lm"):
+        fail(ValueError(f"--format {format!r}: the one extra format is coda-lm"))
+    try:
+        samples = list(read_jsonl(data))
+        loaded, processor = load_model(model)
+        report = predict_all(loaded, processor, samples, out, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                             top_p=top_p, seed=seed, route_aware=route_aware, source=str(data))
+        if format == "coda-lm":
+            written = write_coda_lm_answers(out, samples, out.parent / "coda-lm", source=str(data))
+            console.print("CODA-LM answer files: " + ", ".join(str(p) for p in written))
+    except (ValueError, DataError, FileNotFoundError) as error:
+        fail(error)
+    if report.generated == 0:
+        console.print(f"{out} is complete already ({report.total} answers)")
+    else:
+        routes = f", {report.routes} distinct routes" if report.routes is not None else ""
+        console.print(f"wrote {out}: {report.generated} answered ({report.samples_per_second:.1f} "
+                      f"samples/s{routes}), {report.resumed} resumed")
+
+
+@app.command()
+def chat(
+    question: str = typer.Argument(..., help="the question"),
+    model: str = typer.Option(..., help="model directory, tiny:KIND or Hub id"),
+    image: Path | None = typer.Option(None, help="the image the question is about"),
+    max_new_tokens: int = typer.Option(256, help="longest answer, in tokens"),
+) -> None:
+    """One answer and the skill chain that explains it."""
+    from mose.data import DataError
+    from mose.eval.chat import answer_one, format_chain
+    from mose.models.loading import load_model
+
+    try:
+        loaded, processor = load_model(model)
+        answer, chain = answer_one(loaded, processor, image, question, max_new_tokens=max_new_tokens)
+    except (ValueError, DataError, FileNotFoundError) as error:
+        fail(error)
+    console.print(f"[bold]{answer}[/bold]")
+    console.print(format_chain(chain), highlight=False)
+
+
+@app.command()
 def score(
     bench: str = typer.Argument(..., help="robo2vlm, world, drivelm or coda-lm"),
     pred: Path = typer.Option(..., help="predictions JSONL ({id, answer, skill_chain} per line)"),
