@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,10 @@ from mose.layers.losses import skill_routing_loss
 from mose.routing import RoutingState, SkillChain, skill_chain_list, skill_label_tensor
 
 PREFIX = "mose_"
+
+
+class _RoutesDecided(Exception):
+    """Raised once the last MoSE layer has routed, inside `routing_only`."""
 
 
 class MoSEModelMixin:
@@ -97,6 +103,29 @@ class MoSEModelMixin:
         be written back in that layout, which the converted class cannot map.
         """
         super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    @contextmanager
+    def routing_only(self) -> Iterator[None]:
+        """Forwards inside the block stop as soon as the last MoSE layer has routed.
+
+        For what needs routes and router inputs but no output (router
+        pretraining, route-aware batching, routing statistics): neither the last
+        MoSE layer nor anything after it runs, and the forward returns nothing.
+        The stop is a pre-hook on that layer registered after its routing hook
+        (hooks run in registration order), so its route is chosen first.
+        """
+        last = max(self.level_of_layer)
+
+        def stop(*_args: Any) -> None:
+            raise _RoutesDecided
+
+        handle = self.mose_arch.layers(self)[last].register_forward_pre_hook(stop)
+        try:
+            yield
+        except _RoutesDecided:
+            pass
+        finally:
+            handle.remove()
 
     def skill_chains(self) -> list[SkillChain]:
         """Per sample of the last forward or generate: the skill chosen at each level."""

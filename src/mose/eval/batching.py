@@ -10,8 +10,7 @@ their full route (the experts chosen at every MoSE layer) before generating.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,45 +22,17 @@ from mose.config import MoSEConfig
 RouteKey = tuple[tuple[int, ...], ...]
 
 
-class _RoutesDecided(Exception):
-    """Raised once the last MoSE layer has routed: the rest of the forward is not needed."""
-
-
 def is_mose(model: Any) -> bool:
     """A converted MoSE model (dense and token-MoE models route nothing per sample)."""
     return isinstance(getattr(model, "mose_config", None), MoSEConfig)
-
-
-@contextmanager
-def routing_only(model: Any) -> Iterator[None]:
-    """Inside the block, a forward of a MoSE model stops right after its last router.
-
-    The stop is a forward pre-hook on the last MoSE decoder layer, registered
-    after the block's own routing pre-hook (hooks run in registration order),
-    so the route is chosen and neither that layer nor any later one runs.
-    """
-    layers = model.mose_arch.layers(model)
-    last = max(model.level_of_layer)
-
-    def stop(_layer: torch.nn.Module, _args: tuple, _kwargs: dict) -> None:
-        raise _RoutesDecided
-
-    handle = layers[last].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def route_keys(model: Any, inputs: Mapping[str, torch.Tensor]) -> list[RouteKey]:
     """Each prompt's full route, from a forward over the batch that stops after the last router."""
     if not is_mose(model):
         raise TypeError(f"{type(model).__name__} is not a MoSE model: it has no per-sample routes")
-    with torch.no_grad(), routing_only(model):
-        try:
-            model(**inputs, use_cache=False)
-        except _RoutesDecided:
-            pass
+    with torch.no_grad(), model.routing_only():
+        model(**inputs, use_cache=False)
     return current_route_keys(model)
 
 

@@ -9,9 +9,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,38 +93,13 @@ def router_objective(model: nn.Module) -> Objective:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "skill_labels")}
         # Routes forced to the labels: each router sees the hidden states the model
         # will have once the routers before it choose right.
-        with torch.no_grad(), stop_after_routers(model):
+        with torch.no_grad(), model.routing_only():
             model(**inputs, skill_labels=labels)
         pooled = model.mose_state.router_inputs
         logits = {b.layer_idx: b.router(pooled[b.layer_idx].detach()) for b in blocks}  # (B, S) each
         return skill_routing_loss(logits, model.level_of_layer, labels) * labels.shape[0]
 
     return objective
-
-
-class _RoutersDone(Exception):
-    """Raised past the last MoSE layer: nothing above it matters for routing."""
-
-
-@contextmanager
-def stop_after_routers(model: nn.Module) -> Iterator[None]:
-    """Cut the forward short once every router has read its input."""
-    layers = arch_of(model).layers(model)
-    last = max(b.layer_idx for b in expert_blocks(model))
-    if last + 1 >= len(layers):
-        yield
-        return
-
-    def stop(*_args, **_kwargs) -> None:
-        raise _RoutersDone
-
-    handle = layers[last + 1].register_forward_pre_hook(stop)
-    try:
-        yield
-    except _RoutersDone:
-        pass
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
@@ -143,7 +115,7 @@ def router_accuracy(model: nn.Module, dataset: EncodedDataset, collator: Collato
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         labels = batch.pop("skill_labels")
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with stop_after_routers(model):
+        with model.routing_only():
             model(**batch)
         chosen = {name: [] for name in level_names}
         for layer, route in model.mose_state.routes.items():
