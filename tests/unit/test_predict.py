@@ -17,7 +17,8 @@ from mose.eval.batching import (
 )
 from mose.eval.chat import NO_CHAIN, answer_one, format_chain
 from mose.eval.coda_lm import write_coda_lm_answers
-from mose.eval.predict import Answerer, Prediction, partial_path, predict, read_predictions
+from mose.eval.predict import Answerer, partial_path, predict
+from mose.eval.predictions import Prediction, read_predictions
 from mose.models.loading import load_model
 from mose.models.processor import save_processor
 from mose.routing import SkillChain, SkillChoice
@@ -127,7 +128,7 @@ def test_foreign_partial_and_incomplete_output_are_errors(converted, samples, tm
     with pytest.raises(ValueError, match="'elsewhere/1' is not in the input"):
         run(model, processor, samples, out)
     partial_path(out).write_text('{"id": "robot/1", "answer"\n{"id": "x"}\n')
-    with pytest.raises(ValueError, match="pred.jsonl.partial, line 1: malformed JSON"):
+    with pytest.raises(ValueError, match="pred.jsonl.partial, record at line 1: malformed JSON"):
         run(model, processor, samples, out)
     partial_path(out).unlink()
     out.write_text(json.dumps({"id": samples[0].id, "answer": "A", "skill_chain": None}) + "\n")

@@ -6,7 +6,8 @@ import pytest
 from rich.console import Console
 
 from mose.data import DataError, Sample, write_jsonl
-from mose.eval.score import ScoreError, read_predictions, score, table, write_scores
+from mose.eval.predictions import read_predictions
+from mose.eval.score import ScoreError, score, table, write_scores
 from mose.eval.score.robo2vlm import template_of
 
 YES_NO = ["Yes", "No", "Cannot be determined", "Not applicable"]

@@ -101,6 +101,7 @@ def test_a_generated_world_answered_perfectly_scores_100(tmp_path):
 
 
 def level_of_sample(sample):
-    from mose.eval.score.common import Pair, Prediction
+    from mose.eval.predictions import Prediction
+    from mose.eval.score.common import Pair
 
     return level_of(Pair(sample, Prediction(sample.id, "")))

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mose.data.schema import DataError, Sample, atomic_path
-from mose.eval.predict import Prediction, read_predictions
+from mose.eval.predictions import Prediction, read_predictions
 
 TASK_FILES = {
     "general_perception": "general_perception_answer.jsonl",

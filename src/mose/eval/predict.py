@@ -36,7 +36,7 @@ from rich.progress import (
 from rich.text import Text
 
 from mose.data.collate import Collator, SampleEncoder
-from mose.data.schema import Sample, atomic_path
+from mose.data.schema import DataError, Sample, atomic_path
 from mose.eval.batching import (
     check_batch_size,
     is_mose,
@@ -44,38 +44,9 @@ from mose.eval.batching import (
     route_aware_batches,
     route_keys,
 )
-from mose.routing import SkillChain
+from mose.eval.predictions import Prediction, chain_dict, parse_prediction, read_predictions
 
 PARTIAL_SUFFIX = ".partial"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One answer and the skill chain that explains it (None for non-MoSE models)."""
-
-    id: str
-    answer: str
-    skill_chain: dict[str, dict[str, Any]] | None
-
-    def to_json(self) -> str:
-        return json.dumps({"id": self.id, "answer": self.answer, "skill_chain": self.skill_chain},
-                          ensure_ascii=False)
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str, line: int) -> Prediction:
-        """Checks what this module writes; extra fields (from other tools) are ignored."""
-        chain = data.get("skill_chain") if isinstance(data, dict) else None
-        if not (isinstance(data, dict) and isinstance(data.get("id"), str) and data["id"]
-                and isinstance(data.get("answer"), str) and (chain is None or isinstance(chain, dict))):
-            raise ValueError(f"{source}, line {line}: expected an object with a non-empty string id, "
-                             f"a string answer and a skill_chain object or null, "
-                             f"got {json.dumps(data)[:200]}")
-        return cls(data["id"], data["answer"], chain)
-
-
-def chain_dict(chain: SkillChain) -> dict[str, dict[str, Any]]:
-    """The JSON form of a skill chain: level → {"skill", "prob"}, levels in order."""
-    return {c.level: {"skill": c.skill, "prob": round(c.prob, 4)} for c in chain.choices}
 
 
 @dataclass(frozen=True)
@@ -224,20 +195,6 @@ def predict(model: Any, processor: Any, samples: Iterable[Sample], out_path: str
                          time.perf_counter() - begin)
 
 
-def read_predictions(path: str | Path) -> dict[str, Prediction]:
-    """The predictions of a complete file (`predict`'s OUT), by id, in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such predictions file")
-    found: dict[str, Prediction] = {}
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                prediction = _parse_line(line, str(path), number)
-                found[prediction.id] = prediction
-    return found
-
-
 def _route_all(answerer: Answerer, samples: list[Sample], batch_size: int, bar: Progress) -> list[Any]:
     task = bar.add_task("routing", total=len(samples))
     keys = []
@@ -279,20 +236,16 @@ def _resume(partial: Path, ids: set[str]) -> dict[str, Prediction]:
     for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        prediction = _parse_line(line, str(partial), number)
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(str(partial), f"at line {number}", None, f"malformed JSON: {error}") from None
+        prediction = parse_prediction(data, str(partial), f"at line {number}")
         if prediction.id not in ids:
             raise ValueError(f"{partial}, line {number}: id {prediction.id!r} is not in the input; "
                              "this partial file belongs to other data: remove it to start over")
         done[prediction.id] = prediction
     return done
-
-
-def _parse_line(line: str, source: str, number: int) -> Prediction:
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{source}, line {number}: malformed JSON ({error})") from None
-    return Prediction.from_dict(data, source, number)
 
 
 def _finish(out_path: Path, partial: Path, ids: list[str], done: Mapping[str, Prediction]) -> None:

@@ -20,15 +20,7 @@ from rich.table import Table
 
 from mose.data.schema import atomic_path
 from mose.eval.score import coda_lm, drivelm, robo2vlm, world
-from mose.eval.score.common import (
-    Pair,
-    Prediction,
-    ScoreError,
-    load_pairs,
-    match,
-    read_predictions,
-    read_references,
-)
+from mose.eval.score.common import Pair, ScoreError, load_pairs, match, read_references
 
 BENCHES = ("robo2vlm", "world", "drivelm", "coda-lm")
 _MODULES = {"robo2vlm": robo2vlm, "world": world, "drivelm": drivelm, "coda-lm": coda_lm}
@@ -82,5 +74,5 @@ def write_scores(path: str | Path, scores: dict[str, Any]) -> Path:
     return path
 
 
-__all__ = ["BENCHES", "JUDGE_OPTIONS", "Pair", "Prediction", "ScoreError", "load_pairs", "match",
-           "read_predictions", "read_references", "score", "table", "write_scores"]
+__all__ = ["BENCHES", "JUDGE_OPTIONS", "Pair", "ScoreError", "load_pairs", "match", "read_references",
+           "score", "table", "write_scores"]
