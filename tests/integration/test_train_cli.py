@@ -71,6 +71,8 @@ def test_sigkill_mid_stage_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     kill_after_checkpoint(proc, tmp_path / "killed" / ".resume" / "sft", 4, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (tmp_path / "killed" / "sft").exists()  # no half-written output that looks complete
+    again = mose_train(killed)
+    assert again.wait() == 2 and "pass --resume" in again.stdout.read()  # never restarts silently
     resumed = mose_train(killed, "--resume")
     assert resumed.wait() == 0, resumed.stdout.read()
 

@@ -51,9 +51,11 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     out = Path(recipe.output_dir)
     names = list(recipe.stages)
     done = [n for n in names if is_complete(out / n)]
-    if done and not resume:
-        raise RecipeError(f"{out} already holds finished stage(s) {done}: pass --resume to continue "
-                          "that run, or choose another output_dir")
+    interrupted = sorted({p.parent.name for p in (out / ".resume").glob("*/step-*")})
+    if (done or interrupted) and not resume:
+        what = f"finished stage(s) {done}" if done else f"an interrupted stage {interrupted}"
+        raise RecipeError(f"{out} already holds {what}: pass --resume to continue that run, "
+                          "or choose another output_dir")
     first = next((i for i, n in enumerate(names) if n not in done), len(names))
     results: dict[str, dict[str, Any]] = {n: {"output": str(out / n), "skipped": True} for n in names[:first]}
     if first == len(names):
