@@ -1,0 +1,463 @@
+"""The numbers behind `mose analyze`: how alike a model's experts are, and how its routers route.
+
+Expert diversity (the MoSE paper's "Diversity of expertise"): per MoE layer,
+the cosine similarity of every pair of experts, each expert's weights
+flattened to one vector (gate_up_proj, then down_proj); the shared expert is
+one more row. Upcycled experts start as copies (similarity exactly 1), so how
+far below 1 they get is how much training made them specialise.
+
+Routing: on labelled sample records the routers choose for themselves (no
+skill labels reach the model) and the chosen skill chains are compared with
+the labels: per level the skill counts, the accuracy and a confusion matrix,
+and how often the whole chain equals the labelled one.
+
+    path = analyze("runs/demo/sft", "runs/analysis", compare_dir="runs/moe/sft",
+                   data="runs/world/test.jsonl", predictions="runs/pred.jsonl",
+                   scores=["runs/scores.json"])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mose.config import MoSEConfig, TokenMoEConfig
+from mose.data.collate import LETTERS, Collator, SampleEncoder
+from mose.data.schema import DataError, Sample, read_jsonl
+from mose.eval.batching import check_batch_size, is_mose
+from mose.eval.chat import format_chain
+from mose.eval.predictions import Prediction, read_predictions
+from mose.eval.report import SampleView, write_report
+from mose.eval.score.choice import parse_choice
+from mose.eval.score.common import exact_match
+from mose.layers.blocks import ExpertBlock, MoSEBlock
+from mose.routing import SkillChain
+from mose.skills.taxonomy import Taxonomy
+
+SHARED = "shared"
+GRAM_CHUNK_ROWS = 1024  # weight rows per step of the Gram matrix: bounds memory on real models
+
+
+class AnalysisError(ValueError):
+    """Something `mose analyze` cannot analyse: names the model or file and why."""
+
+
+@dataclass(frozen=True)
+class LayerSimilarity:
+    """Cosine similarity of one MoE layer's experts, shared expert first when there is one."""
+
+    layer: int
+    level: str | None  # the MoSE level of the layer; None for token MoE
+    labels: tuple[str, ...]  # one per row: "shared", skill names, "image:vru", or "e0", ...
+    matrix: np.ndarray  # (E, E) float64
+
+    @property
+    def title(self) -> str:
+        return f"layer {self.layer}" + (f" · {self.level}" if self.level else "")
+
+    def routed_off_diagonal(self) -> np.ndarray:
+        """Similarities between distinct routed experts (the shared expert left out)."""
+        keep = [i for i, label in enumerate(self.labels) if label != SHARED]
+        sub = self.matrix[np.ix_(keep, keep)]  # (R, R)
+        return sub[~np.eye(len(keep), dtype=bool)]
+
+    def to_dict(self) -> dict[str, Any]:
+        pairs = self.routed_off_diagonal()
+        return {"layer": self.layer, "level": self.level, "labels": list(self.labels),
+                "matrix": self.matrix.round(6).tolist(),
+                "mean_routed_similarity": float(pairs.mean()) if pairs.size else None,
+                "min_routed_similarity": float(pairs.min()) if pairs.size else None}
+
+
+def check_converted(model: Any, name: str = "model") -> None:
+    """A clear error for a model with no experts (dense, or not converted by mose)."""
+    if not isinstance(getattr(model, "mose_config", None), MoSEConfig | TokenMoEConfig):
+        raise AnalysisError(f"{name}: a dense model has no experts to compare; analyze a converted "
+                            "MoSE or token-MoE model (mose.convert, or a `mose train` stage after convert)")
+
+
+def model_kind(model: Any) -> str:
+    """"mose" or "token_moe"."""
+    return model.mose_config.kind
+
+
+def expert_blocks(model: Any) -> list[ExpertBlock]:
+    """The MoSE / token-MoE blocks of a converted model, in layer order."""
+    return [layer.mlp for layer in model.mose_arch.layers(model) if isinstance(layer.mlp, ExpertBlock)]
+
+
+def expert_labels(model: Any, block: ExpertBlock) -> tuple[str, ...]:
+    """Row labels of a block's similarity matrix: "shared", then the routed experts in order."""
+    if isinstance(block, MoSEBlock):
+        skills = model.mose_config.taxonomy.levels[block.level].skills
+        # Modality groups: expert 2s is skill s's image expert, 2s + 1 its text expert.
+        routed = ([f"{modality}:{skill}" for skill in skills for modality in ("image", "text")]
+                  if block.modality_groups else list(skills))
+    else:
+        routed = [f"e{i}" for i in range(block.experts.num_experts)]
+    if len(routed) != block.experts.num_experts:
+        raise AnalysisError(f"layer {block.layer_idx}: {block.experts.num_experts} experts but "
+                            f"{len(routed)} labels ({', '.join(routed)})")
+    return tuple(([SHARED] if block.shared_expert is not None else []) + routed)
+
+
+def expert_gram(block: ExpertBlock, chunk_rows: int = GRAM_CHUNK_ROWS) -> torch.Tensor:
+    """Gram matrix (E, E) float64 of the flattened experts, shared expert first.
+
+    Accumulated over chunks of weight rows, so a real model's experts are
+    never all copied to float64 at once. Every entry is one full-length sum
+    of an elementwise product, computed the same way, where a matrix product
+    (or a batched sum) splits entries differently: so experts that are copies
+    have a cosine of exactly 1.
+    """
+    experts, shared = block.experts, block.shared_expert
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]] = [
+        (experts.gate_up_proj, None if shared is None else
+         torch.cat([shared.gate_proj.weight, shared.up_proj.weight])),  # (2I, H): the stacked layout
+        (experts.down_proj, None if shared is None else shared.down_proj.weight),
+    ]
+    size = experts.num_experts + (shared is not None)
+    gram = torch.zeros(size, size, dtype=torch.float64, device=experts.gate_up_proj.device)
+    with torch.no_grad():
+        for stacked, single in parts:
+            for start in range(0, stacked.shape[1], chunk_rows):
+                rows = stacked[:, start:start + chunk_rows].reshape(stacked.shape[0], -1)  # (E, c*C)
+                if single is not None:
+                    rows = torch.cat([single[start:start + chunk_rows].reshape(1, -1), rows])  # (1+E, c*C)
+                rows = rows.double()
+                for i in range(size):
+                    for j in range(i, size):
+                        gram[i, j] += (rows[i] * rows[j]).sum()
+    return gram.triu() + gram.triu(1).T  # (E, E): mirror the upper triangle
+
+
+def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (E, E) from a Gram matrix; an all-zero expert is similar to nothing."""
+    squares = gram.diagonal().clamp(min=0)  # (E,)
+    # sqrt(|a|^2 |b|^2), not |a| |b|: for a copy, sqrt(x * x) is exactly x, sqrt(x) ** 2 may not be.
+    denom = (squares[:, None] * squares[None, :]).sqrt().clamp(min=torch.finfo(gram.dtype).tiny)  # (E, E)
+    return (gram / denom).clamp(-1.0, 1.0)
+
+
+def expert_similarity(model: Any, name: str = "model") -> list[LayerSimilarity]:
+    """Per MoE layer of a converted model, the cosine similarity of its experts."""
+    check_converted(model, name)
+    levels = model.mose_config.taxonomy.levels if isinstance(model.mose_config, MoSEConfig) else None
+    out = []
+    for block in expert_blocks(model):
+        level = levels[block.level].name if isinstance(block, MoSEBlock) and levels else None
+        matrix = cosine_from_gram(expert_gram(block)).cpu().numpy()
+        out.append(LayerSimilarity(block.layer_idx, level, expert_labels(model, block), matrix))
+    return out
+
+
+@dataclass
+class LevelRouting:
+    """One level's routing on a data set: counts per skill, and chosen against labelled."""
+
+    level: str
+    skills: tuple[str, ...]
+    chosen: list[int]  # (S,) samples per chosen skill, over all samples
+    labelled: list[int]  # (S,) samples per labelled skill, over labelled samples
+    confusion: list[list[int]]  # (S, S) [labelled][chosen], over labelled samples
+    mean_prob: float | None  # mean router probability of the chosen skill
+
+    @property
+    def correct(self) -> int:
+        return sum(self.confusion[i][i] for i in range(len(self.skills)))
+
+    @property
+    def accuracy(self) -> float | None:
+        """Fraction of labelled samples routed to their labelled skill; None without labels."""
+        total = sum(self.labelled)
+        return self.correct / total if total else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"skills": list(self.skills), "chosen": dict(zip(self.skills, self.chosen, strict=True)),
+                "labelled": dict(zip(self.skills, self.labelled, strict=True)),
+                "accuracy": self.accuracy, "mean_prob": self.mean_prob,
+                "confusion": {"rows": "labelled", "columns": "chosen", "counts": self.confusion}}
+
+
+@dataclass
+class RoutingStats:
+    n: int  # samples routed
+    n_labelled: int  # of which carry a skill label
+    levels: list[LevelRouting]
+    chain_matches: int  # labelled samples whose whole chosen chain is the labelled one
+
+    @property
+    def chain_accuracy(self) -> float | None:
+        return self.chain_matches / self.n_labelled if self.n_labelled else None
+
+    def level(self, name: str) -> LevelRouting:
+        for level in self.levels:
+            if level.level == name:
+                return level
+        raise KeyError(f"no level {name!r}; levels: {', '.join(lv.level for lv in self.levels)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "n_labelled": self.n_labelled, "chain_accuracy": self.chain_accuracy,
+                "chain_matches": self.chain_matches,
+                "by_level": {lv.level: lv.to_dict() for lv in self.levels}}
+
+
+def routing_stats(chains: Sequence[SkillChain], samples: Sequence[Sample], taxonomy: Taxonomy,
+                  source: str = "samples") -> RoutingStats:
+    """Compare chosen skill chains with the samples' labels (unlabelled samples count as chosen only).
+
+    `source` (the data file) is what an error about a bad label names.
+    """
+    if len(chains) != len(samples):
+        raise ValueError(f"{len(chains)} skill chains for {len(samples)} samples")
+    levels = taxonomy.levels
+    chosen = np.zeros((len(levels), max(len(lv.skills) for lv in levels)), dtype=np.int64)  # (L, S)
+    confusion = np.zeros((len(levels),) + (chosen.shape[1],) * 2, dtype=np.int64)  # (L, S, S)
+    probs: list[list[float]] = [[] for _ in levels]
+    labelled = matches = 0
+    for chain, sample in zip(chains, samples, strict=True):
+        picked = _chain_indices(chain, taxonomy)
+        for i, choice in enumerate(chain.choices):
+            chosen[i, picked[i]] += 1
+            probs[i].append(choice.prob)
+        label = _label_indices(sample, taxonomy, source)
+        if label is None:
+            continue
+        labelled += 1
+        matches += picked == label
+        for i in range(len(levels)):
+            confusion[i, label[i], picked[i]] += 1
+    return RoutingStats(
+        n=len(samples), n_labelled=labelled, chain_matches=matches,
+        levels=[LevelRouting(
+            level=level.name, skills=level.skills,
+            chosen=chosen[i, :len(level.skills)].tolist(),
+            labelled=confusion[i].sum(axis=1)[:len(level.skills)].tolist(),
+            confusion=confusion[i, :len(level.skills), :len(level.skills)].tolist(),
+            mean_prob=float(np.mean(probs[i])) if probs[i] else None,
+        ) for i, level in enumerate(levels)],
+    )
+
+
+def _chain_indices(chain: SkillChain, taxonomy: Taxonomy) -> list[int]:
+    names = [c.level for c in chain.choices]
+    if names != list(taxonomy.level_names):
+        raise ValueError(f"skill chain levels {names} are not the taxonomy's {list(taxonomy.level_names)}")
+    return [level.index(c.skill) for level, c in zip(taxonomy.levels, chain.choices, strict=True)]
+
+
+def _label_indices(sample: Sample, taxonomy: Taxonomy, source: str) -> list[int] | None:
+    if sample.skills is None:
+        return None
+    try:
+        return taxonomy.encode(sample.skills)
+    except ValueError as error:
+        raise DataError(source, sample.id, "skills", f"{error} (the model's taxonomy is "
+                                                     f"{taxonomy.name!r})") from None
+
+
+def route_samples(model: Any, processor: Any, samples: Sequence[Sample], *, batch_size: int = 8,
+                  progress: bool = True, source: str = "samples",
+                  description: str = "routing") -> list[SkillChain]:
+    """Each sample's skill chain as the model's own routers choose it (nothing forced).
+
+    Prompts are encoded as generation sees them (no answer), padded on the
+    right; each forward stops once the last router has chosen
+    (`model.routing_only()`). Padding and batch mates never change a route.
+    """
+    if not is_mose(model):
+        raise AnalysisError(f"{type(model).__name__} is not a MoSE model: it has no skill chains to route")
+    check_batch_size(batch_size)
+    # No taxonomy, so no skill labels in the batch: given to the model, they would force the routes.
+    encoder = SampleEncoder(processor, source=source)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = Collator(pad, padding_side="right")
+    chains: list[SkillChain] = []
+    with _eval_mode(model), torch.no_grad(), _progress(progress) as bar:
+        task = bar.add_task(description, total=len(samples))
+        for start in range(0, len(samples), batch_size):
+            rows = samples[start:start + batch_size]
+            batch = collate([encoder(s, with_answer=False) for s in rows])
+            batch.pop("labels")  # all ignored: a prompt has no answer
+            with model.routing_only():  # the routes are all we read
+                model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False)
+            chains += model.skill_chains()
+            bar.advance(task, len(rows))
+    return chains
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), disable=not enabled)
+
+
+@dataclass
+class ModelAnalysis:
+    """Everything analysed about one model."""
+
+    name: str  # what the report calls it (its path)
+    kind: str  # "mose" or "token_moe"
+    similarity: list[LayerSimilarity]
+    routing: RoutingStats | None = None  # MoSE models given labelled data
+    chains: dict[str, SkillChain] = field(default_factory=dict)  # id → routed chain (not in JSON)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind,
+                "similarity": [layer.to_dict() for layer in self.similarity],
+                "routing": None if self.routing is None else self.routing.to_dict()}
+
+
+def analyze_model(model: Any, processor: Any = None, samples: Sequence[Sample] | None = None, *,
+                  name: str = "model", batch_size: int = 8, progress: bool = True,
+                  source: str = "samples") -> ModelAnalysis:
+    """Expert similarity, and for a MoSE model given samples, routing statistics."""
+    similarity = expert_similarity(model, name)
+    result = ModelAnalysis(name, model_kind(model), similarity)
+    if samples and is_mose(model):
+        if processor is None:
+            raise ValueError("routing statistics need the model's processor")
+        chains = route_samples(model, processor, samples, batch_size=batch_size, progress=progress,
+                               source=source, description=f"routing {name}")
+        result.routing = routing_stats(chains, samples, model.mose_config.taxonomy, source)
+        result.chains = {s.id: c for s, c in zip(samples, chains, strict=True)}
+    return result
+
+
+def load_scores(paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """Scores JSON files (as `mose score` writes them) by name (the file's stem, made unique)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise AnalysisError(f"{path}: no such scores file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise AnalysisError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise AnalysisError(f"{path}: expected a JSON object of scores, got {type(data).__name__}")
+        name, n = path.stem, 2
+        while name in out:
+            name, n = f"{path.stem} ({n})", n + 1
+        out[name] = data
+    return out
+
+
+def sample_views(samples: Sequence[Sample], predictions: Mapping[str, Prediction] | None = None,
+                 chains: Mapping[str, SkillChain] | None = None, limit: int = 8) -> list[SampleView]:
+    """What the report shows of up to `limit` samples.
+
+    With predictions: samples that have one, with its answer and skill chain.
+    Without: the reference, and the chain the routers chose if `chains` has one.
+    """
+    if predictions is not None:
+        samples = [s for s in samples if s.id in predictions]
+    views = []
+    for sample in samples[:limit]:
+        prediction = predictions.get(sample.id) if predictions is not None else None
+        chain = chains.get(sample.id) if chains else None
+        if prediction is not None:
+            chain_text, chain_from = format_chain(prediction.skill_chain), "prediction"
+        elif chain is not None:
+            chain_text, chain_from = format_chain(chain), "routers"
+        else:
+            chain_text, chain_from = None, None
+        views.append(SampleView(
+            id=sample.id, images=list(sample.images), question=sample.question,
+            choices=list(sample.choices or []), reference=_reference(sample),
+            answer=None if prediction is None else prediction.answer,
+            verdict=None if prediction is None else _verdict(sample, prediction.answer),
+            chain=chain_text, chain_from=chain_from,
+            label=_label(sample),
+        ))
+    return views
+
+
+def _label(sample: Sample) -> str | None:
+    return None if sample.skills is None else " → ".join(f"{k}: {v}" for k, v in sample.skills.items())
+
+
+def _reference(sample: Sample) -> str | None:
+    if sample.choices and sample.correct is not None:
+        return f"{LETTERS[sample.correct]}. {sample.choices[sample.correct]}"
+    return sample.answer
+
+
+def _verdict(sample: Sample, answer: str) -> str | None:
+    """"correct"/"wrong" for multiple choice; "exact match"/"differs" for open answers."""
+    if sample.choices and sample.correct is not None:
+        return "correct" if parse_choice(answer, sample.choices) == sample.correct else "wrong"
+    if sample.answer is None:
+        return None
+    return "exact match" if exact_match(answer, sample.answer) else "differs"
+
+
+def analyze(model_dir: str | Path, out_dir: str | Path, *, compare_dir: str | Path | None = None,
+            data: str | Path | None = None, predictions: str | Path | None = None,
+            scores: Sequence[str | Path] = (), max_samples: int = 8, batch_size: int = 8,
+            device: str | None = None, progress: bool = True, title: str = "mose analysis") -> Path:
+    """Analyse one model (or two, side by side) and write OUT/report.html and OUT/analysis.json.
+
+    Args:
+        model_dir, compare_dir: converted models (`mose train` stage directories,
+            or anything `mose.models.loading.load_model` loads that is converted).
+        data: labelled sample records (JSONL): routing statistics of each MoSE
+            model, and the samples the report shows.
+        predictions: a predictions JSONL for `data` (`mose predict`): the answers
+            and skill chains shown with the samples.
+        scores: scores JSON files (`mose score`), one table per file.
+        max_samples: how many samples the report shows.
+        device: where the models run (default: cuda when available, else cpu).
+    Returns:
+        the report's path.
+    """
+    from mose.models.loading import is_converted, load_model, model_type_of
+
+    if predictions is not None and data is None:
+        raise AnalysisError("predictions need --data: the samples they answer "
+                            "(questions, images, references)")
+    check_batch_size(batch_size)
+    score_tables = load_scores(scores)  # before any slow work: a bad file fails fast
+    samples = list(read_jsonl(data)) if data is not None else None
+    answers = _load_predictions(predictions, samples, data) if predictions is not None else None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    analyses = []
+    for spec in [model_dir] + ([compare_dir] if compare_dir is not None else []):
+        spec = str(spec)
+        model_type = model_type_of(spec)
+        if model_type is not None and not is_converted(model_type):
+            raise AnalysisError(f"{spec}: a dense {model_type} model has no experts to compare; analyze "
+                                "a converted MoSE or token-MoE model (a `mose train` stage after convert)")
+        model, processor = load_model(spec)
+        analyses.append(analyze_model(model.to(device), processor, samples, name=spec,
+                                      batch_size=batch_size, progress=progress, source=str(data)))
+        del model  # one model in memory at a time
+    views = sample_views(samples or [], answers, analyses[0].chains, max_samples)
+    sources = {"model": str(model_dir), "compare": compare_dir, "data": data, "predictions": predictions}
+    return write_report(out_dir, title=title, models=analyses, scores=score_tables, samples=views,
+                        sources={k: str(v) for k, v in sources.items() if v is not None})
+
+
+def _load_predictions(path: str | Path, samples: Sequence[Sample], data: str | Path) -> dict[str, Prediction]:
+    found = read_predictions(path)
+    if not any(s.id in found for s in samples):
+        raise AnalysisError(f"{path}: none of its {len(found)} prediction ids are in {data}")
+    return found
