@@ -276,6 +276,30 @@ def score(
 
 
 @app.command()
+def analyze(
+    model: Path = typer.Option(..., help="a converted model directory (MoSE or token MoE)"),
+    out: Path = typer.Option(..., help="folder for report.html and analysis.json"),
+    compare: Path | None = typer.Option(None, help="a second model directory, shown side by side"),
+    data: Path | None = typer.Option(None, help="skill-labelled sample records: routing statistics "
+                                     "and sample answers"),
+    pred: Path | None = typer.Option(None, help="predictions of MODEL on DATA, shown with the samples"),
+    scores: list[Path] = typer.Option([], help="scores JSON from mose score (repeatable)"),
+    max_samples: int = typer.Option(8, help="sample answers shown in the report"),
+    batch_size: int = typer.Option(8, help="batch size of the routing pass"),
+) -> None:
+    """Expert diversity, routing statistics and a self-contained HTML report."""
+    from mose.data import DataError
+    from mose.eval.analysis import analyze as analyze_model
+
+    try:
+        report = analyze_model(model, out, compare_dir=compare, data=data, predictions=pred,
+                               scores=scores, max_samples=max_samples, batch_size=batch_size)
+    except (ValueError, DataError, FileNotFoundError) as error:
+        fail(error)
+    console.print(f"wrote {report} and {report.with_name('analysis.json')}")
+
+
+@app.command()
 def taxonomy(name: str = typer.Argument("driving", help="built-in name or YAML path")) -> None:
     """Show a skill taxonomy: its levels, in order, and their skills."""
     from mose.skills.taxonomy import load_taxonomy

@@ -1,4 +1,4 @@
-"""The user's path after training: `mose predict`, `mose score`, `mose chat` on a trained directory."""
+"""The user's path after training: predict, score, analyze and chat on a trained directory."""
 
 from __future__ import annotations
 
@@ -54,6 +54,13 @@ def test_predict_score_and_chat_on_a_trained_directory(trained):
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(scores.read_text())["n"] == 12
 
+    report = root / "report"
+    result = run("analyze", "--model", str(model), "--compare", str(root / "run" / "convert"),
+                 "--data", str(test), "--pred", str(pred), "--scores", str(scores), "--out", str(report))
+    assert result.returncode == 0, result.stdout + result.stderr
+    html = (report / "report.html").read_text()
+    assert "data:image/png;base64," in html and "→ planning:" in html
+
     image = references[0]["images"][0]
     result = run("chat", "--model", str(model), "--image", str(test.parent / image),
                  "--max-new-tokens", "4", "What should the ego vehicle do?")
@@ -69,3 +76,6 @@ def test_bad_input_is_a_clear_error(trained):
     assert result.returncode == 2 and "missing.png" in result.stdout
     result = run("score", "coda-lm", "--pred", str(root / "pred.jsonl"), "--ref", str(test))
     assert result.returncode == 2 and "judge" in result.stdout
+    result = run("analyze", "--model", str(root / "missing"), "--out", str(root / "r"))
+    assert result.returncode == 2 and "missing" in result.stdout
+    assert not (root / "r").exists()

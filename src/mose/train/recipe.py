@@ -62,7 +62,8 @@ class TrainOptions:
     max_grad_norm: float | None = 1.0
     grad_checkpointing: bool = False
     log_every: int = 10
-    save_every: int = 50  # optimizer steps between resume checkpoints (0: only at the end)
+    save_every: int = 100  # optimizer steps between resume states (0: none; each holds the
+    # trainable weights and their AdamW moments, so large trainable sets want it rarer)
 
 
 @dataclass
