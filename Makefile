@@ -28,7 +28,7 @@ lint: $(STAMP)
 # the same process; BENCH_ARGS passes e.g. "--device cuda" or "--quick".
 BENCH_ARGS ?=
 bench: $(STAMP)
-	cd bench && for b in layers model scaling chain serve; do ../$(BIN)/python $$b.py $(BENCH_ARGS) || exit 1; done
+	cd bench && for b in layers model scaling chain serve train; do ../$(BIN)/python $$b.py $(BENCH_ARGS) || exit 1; done
 
 demo: $(STAMP)
 	@echo "make demo will convert a tiny Qwen2-VL to MoSE, pretrain its routers, fine-tune"
