@@ -168,6 +168,7 @@ def test_finished_runs_need_resume_and_resume_skips_finished_stages(tmp_path, wo
         train(r, progress=False)
     results = train(r, resume=True, progress=False)
     assert all(results[n]["skipped"] for n in ("convert", "router", "sft"))
+    assert "router_acc/chain" in results["router"]  # the first run's metrics are kept
 
 
 def test_load_recipe_merges_base_and_applies_overrides(tmp_path, world):

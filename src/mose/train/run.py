@@ -34,6 +34,7 @@ from mose.train.recipe import BackboneStage, ConvertStage, Recipe, RecipeError, 
 from mose.train.stages import backbone_plan, router_plan, sft_plan
 
 console = Console(stderr=True)
+RESULTS_FILE = "train_results.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,7 +58,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         raise RecipeError(f"{out} already holds {what}: pass --resume to continue that run, "
                           "or choose another output_dir")
     first = next((i for i, n in enumerate(names) if n not in done), len(names))
-    results: dict[str, dict[str, Any]] = {n: {"output": str(out / n), "skipped": True} for n in names[:first]}
+    earlier = _earlier_results(out)
+    results: dict[str, dict[str, Any]] = {
+        n: {**earlier.get(n, {}), "output": str(out / n), "skipped": True} for n in names[:first]}
     if first == len(names):
         console.print(f"all stages of {recipe.source} are finished in {out}")
         return results
@@ -89,8 +92,14 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
                           " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     if accelerator.is_main_process:
         summary = {"world_size": accelerator.num_processes, "stages": results}
-        (out / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return results
+
+
+def _earlier_results(out: Path) -> dict[str, dict[str, Any]]:
+    """What an earlier run of this output directory reported for its stages, kept on resume."""
+    path = out / RESULTS_FILE
+    return json.loads(path.read_text())["stages"] if path.is_file() else {}
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
