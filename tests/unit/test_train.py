@@ -197,3 +197,21 @@ def test_every_shipped_recipe_loads(world):
         assert loaded.stages, path
     moe = load_recipe(root / "coda-lm" / "moe-8x1.yaml")
     assert list(moe.stages) == ["convert", "sft"] and moe.stages["convert"].config().num_experts == 8
+
+
+def test_a_hub_id_without_network_is_a_clear_error(tmp_path, world, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="cannot fetch it from the Hugging Face Hub"):
+        train(recipe(tmp_path, world, mose_stages(), model="Qwen/Qwen2-VL-2B-Instruct"))
+
+
+def test_a_resume_state_that_does_not_fit_the_model_is_refused(tmp_path, tiny):
+    from mose.train.checkpoint import load_trainable
+
+    model, _ = tiny("qwen2_vl")
+    with pytest.raises(ValueError, match="does not match the model"):
+        load_trainable(model, {"lm_head.weight": torch.zeros(3, 3)}, tmp_path)
+    with pytest.raises(ValueError, match="unknown weights"):
+        load_trainable(model, {"model.nothing.weight": torch.zeros(3)}, tmp_path)
