@@ -19,8 +19,7 @@ and how often the whole chain equals the labelled one.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from mose.data.collate import LETTERS, Collator, SampleEncoder
 from mose.data.schema import DataError, Sample, read_jsonl
 from mose.eval.batching import check_batch_size, is_mose
 from mose.eval.chat import format_chain
+from mose.eval.predict import eval_mode
 from mose.eval.predictions import Prediction, read_predictions
 from mose.eval.report import SampleView, write_report
 from mose.eval.score.choice import parse_choice
@@ -282,7 +282,7 @@ def route_samples(model: Any, processor: Any, samples: Sequence[Sample], *, batc
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = Collator(pad, padding_side="right")
     chains: list[SkillChain] = []
-    with _eval_mode(model), torch.no_grad(), _progress(progress) as bar:
+    with eval_mode(model), torch.no_grad(), _progress(progress) as bar:
         task = bar.add_task(description, total=len(samples))
         for start in range(0, len(samples), batch_size):
             rows = samples[start:start + batch_size]
@@ -293,16 +293,6 @@ def route_samples(model: Any, processor: Any, samples: Sequence[Sample], *, batc
             chains += model.skill_chains()
             bar.advance(task, len(rows))
     return chains
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _progress(enabled: bool) -> Progress:

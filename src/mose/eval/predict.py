@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +172,7 @@ def predict(model: Any, processor: Any, samples: Iterable[Sample], out_path: str
     answerer = Answerer(model, processor, options, source)
     routes = None
     batches: list[list[int]] = []
-    with _eval_mode(model), _progress(progress) as bar:
+    with eval_mode(model), _progress(progress) as bar:
         if do_sample:
             torch.manual_seed(seed)
         if route_aware and answerer.mose and todo:
@@ -256,7 +256,8 @@ def _finish(out_path: Path, partial: Path, ids: list[str], done: Mapping[str, Pr
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module):
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block, in its former mode after it."""
     was_training = model.training
     model.eval()
     try:
