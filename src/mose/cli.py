@@ -96,7 +96,8 @@ def annotate(
     data: Path = typer.Option(..., help="sample-record JSONL to annotate"),
     out: Path = typer.Option(..., help="annotated JSONL to write"),
     rules: str | None = typer.Option(None, help="shipped rule set (coda-lm, robo2vlm, drivelm, "
-                                     "world-driving, world-robot) or a rules YAML"),
+                                     "world-driving, world-robot) or a rules YAML; default: the "
+                                     "shipped set matching the records' source"),
     limit: int | None = typer.Option(None, help="annotate a random subset of this many samples"),
     seed: int = typer.Option(0, help="seed of the --limit subset"),
     llm_base_url: str | None = typer.Option(None, help="OpenAI-compatible endpoint for what the "
@@ -113,10 +114,9 @@ def annotate(
     from mose.skills.annotate import annotate as annotate_samples
     from mose.skills.llm import LLMAnnotator
     from mose.skills.rules import RuleAnnotator
+    from mose.skills.shipped import explain_sources, shipped_rules_for
     from mose.skills.taxonomy import load_taxonomy
 
-    if rules is None and llm_base_url is None:
-        fail(ValueError("give --rules, --llm-base-url with --llm-model, or both"))
     if (llm_base_url is None) != (llm_model is None):
         fail(ValueError("--llm-base-url and --llm-model go together"))
     try:
@@ -124,6 +124,15 @@ def annotate(
         if limit is not None and limit < len(samples):
             keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
             samples = [samples[i] for i in keep]
+        if rules is None:  # the records' source names its shipped rule set
+            rules = shipped_rules_for(samples)
+            if rules is None and llm_base_url is None:
+                raise ValueError(f"{data}: no shipped rule set matches these records (sources: "
+                                 f"{explain_sources(samples)}); give --rules, --llm-base-url with "
+                                 "--llm-model, or both")
+            if rules is not None:
+                console.print(f"no --rules given: using the shipped rule set {rules!r}, "
+                              "which matches the records' source")
         rule_annotator = RuleAnnotator.load(rules, taxonomy) if rules is not None else None
         llm = None
         if llm_base_url is not None:
@@ -297,6 +306,29 @@ def analyze(
     except (ValueError, DataError, FileNotFoundError) as error:
         fail(error)
     console.print(f"wrote {report} and {report.with_name('analysis.json')}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="folder for data, models, results.json and report.html"),
+    quick: bool = typer.Option(False, help="a smaller run (under 2 minutes on 2 CPU cores) that checks "
+                               "the pipeline; its numbers mean little"),
+) -> None:
+    """The main job end to end: pretrain a tiny Qwen2-VL, train MoSE and two baselines, compare them.
+
+    Reruns reuse finished stages and predictions.
+    """
+    from mose.data import DataError
+    from mose.demo import DEFAULT, QUICK, run_demo
+    from mose.train import RecipeError
+
+    try:
+        run_demo(out, QUICK if quick else DEFAULT)
+    except (RecipeError, DataError, ValueError, FileNotFoundError) as error:
+        fail(error)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: finished stages are kept; rerun to continue")
+        raise typer.Exit(130) from None
 
 
 @app.command()

@@ -4,6 +4,10 @@ bottom of the middle lane, one key object of a CODA-LM category and a few others
 Questions come at the three levels of the `driving` taxonomy; the right plan
 follows from what is perceived (category, lane, distance) and predicted
 (motion), so planning cannot be answered without the earlier levels.
+
+One more kind, `describe` ("Describe the scene." → every object, nearest
+first), is off unless a weight switches it on (`--weight describe=1`): it is
+the generic task `mose demo` pretrains on before any planning question.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ MOTIONS = {  # motion → (prediction skill, heading (dx, dy) on the image)
 }
 PLANS = {"keep": "keep lane", "yield": "slow down and yield", "stop": "stop",
          "steer_around": "change lane"}
-QUESTION_KINDS = ("region", "identify", "motion", "enter_lane", "plan")
+# `describe` comes last: with weight 0 the draw over the others is what it was without it.
+QUESTION_KINDS = ("region", "identify", "motion", "enter_lane", "plan", "describe")
+DEFAULT_WEIGHTS = {"describe": 0.0}  # user weights are merged over these
 COLORS = {"car": "#d22", "truck": "#e80", "pedestrian": "#f6c", "cyclist": "#a4f",
           "traffic cone": "#f90", "barrier": "#eee", "debris": "#864", "traffic light": "#222"}
 
@@ -111,6 +117,20 @@ def _heading(thing: Thing) -> tuple[float, float] | None:
     return MOTIONS[thing.motion][1]
 
 
+def describe(things: list[Thing]) -> str:
+    """A canonical scene description: each object, nearest first, with where it is and how it moves.
+
+    `a cyclist in the left lane, near, crossing; a car in the right lane, far, oncoming.`
+    """
+    parts = []
+    for thing in sorted(things, key=lambda t: -t.y):  # larger y: nearer the ego car
+        name = f"{thing.light} {thing.category}" if thing.light else thing.category
+        article = "an" if name[0] in "aeiou" else "a"
+        place = f"on the {thing.lane}" if "sidewalk" in thing.lane else f"in the {thing.lane}"
+        parts.append(f"{article} {name} {place}, {'near' if thing.near else 'far'}, {thing.motion}")
+    return "; ".join(parts) + "."
+
+
 def render(things: list[Thing], region: Thing | None) -> Image.Image:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "#5a8f3c")  # grass
     draw = ImageDraw.Draw(image)
@@ -141,6 +161,7 @@ def render(things: list[Thing], region: Thing | None) -> Image.Image:
 
 def make_sample(rng: random.Random, sample_id: str, image_path: str,
                 weights: Mapping[str, float]) -> tuple[Sample, Image.Image]:
+    weights = {**DEFAULT_WEIGHTS, **weights}
     key = _key_thing(rng, weights)
     others = []
     for _ in range(rng.randint(0, 2)):  # background traffic that never matters for the plan
@@ -170,6 +191,8 @@ def make_sample(rng: random.Random, sample_id: str, image_path: str,
         question = f"Will the {name} in the {key.lane} enter the ego lane?"
         answer, task = ("yes" if will_enter_ego_lane(key) else "no"), "prediction"
         skills["prediction"] = prediction
+    elif kind == "describe":  # what is seen, not what to do: a perception task
+        question, answer, task = "Describe the scene.", describe([key, *others]), "description"
     else:
         question, task = "What should the ego vehicle do?", "planning"
         plan = plan_for(key)

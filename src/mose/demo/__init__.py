@@ -1,0 +1,16 @@
+"""`mose demo`: the whole method end to end on a tiny Qwen2-VL and the procedural driving world.
+
+A layer over `mose.train` and `mose.eval` (the library never imports it):
+generate the world, pretrain a general model on scene descriptions, rule-annotate
+a small labelled subset, train MoSE and its two baselines from that same
+checkpoint with one optimizer budget, evaluate all three on the test split and
+write OUT/results.json and OUT/report.html.
+
+    from mose.demo import QUICK, run_demo
+    results = run_demo("runs/demo", QUICK)
+"""
+
+from mose.demo.run import run_demo
+from mose.demo.settings import DEFAULT, QUICK, DemoSettings
+
+__all__ = ["DEFAULT", "QUICK", "DemoSettings", "run_demo"]

@@ -1,0 +1,93 @@
+"""What the methods table counts: parameters (trainable, active per token) and test-time speed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mose.arch import arch_of
+from mose.config import resolve_layers
+from mose.data import Sample
+from mose.eval.predict import predict
+from mose.eval.predictions import read_predictions
+from mose.eval.score import score
+from mose.layers.blocks import ExpertBlock
+
+
+def _count(modules: list[nn.Module]) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def expert_blocks(model: nn.Module) -> list[ExpertBlock]:
+    return [m for m in model.modules() if isinstance(m, ExpertBlock)]
+
+
+def trainable_params(model: nn.Module, method: str) -> int:
+    """What the method's fine-tuning trains: the MoSE / token-MoE blocks, or the even layers' FFNs.
+
+    MoSE's routers are counted once: the router stage and the SFT stage train the same routers.
+    """
+    blocks = expert_blocks(model)
+    if blocks:
+        return _count(blocks)
+    layers = arch_of(model).layers(model)
+    return _count([layers[i].mlp for i in resolve_layers("even", len(layers))])
+
+
+def active_params(model: nn.Module) -> int:
+    """Parameters one token uses: all of the model but the routed experts it is not sent to.
+
+    A MoE layer keeps its router, its shared expert (MoSE) and `top_k` of its
+    routed experts; embeddings and the vision tower count in full.
+    """
+    total = _count([model])
+    for block in expert_blocks(model):
+        experts = block.experts
+        per_expert = _count([experts]) // experts.num_experts
+        total -= (experts.num_experts - block.top_k) * per_expert
+    return total
+
+
+@dataclass
+class Evaluation:
+    scores: dict[str, Any]  # `score("world", ...)`
+    answer_tokens: int  # tokens generated up to and including each answer's end token
+    seconds: float  # wall time of the test generation (routing included for MoSE)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.answer_tokens / self.seconds if self.seconds else 0.0
+
+
+def evaluate(model: Any, processor: Any, test: list[Sample], test_path: Path, out_dir: Path,
+             max_new_tokens: int, batch_size: int = 16) -> Evaluation:
+    """Answer the test split (reusing finished predictions) and score it.
+
+    The timing of the run that generated the predictions is kept beside them,
+    so a rerun that reuses them reports the same speed.
+    """
+    predictions, timing = out_dir / "predictions.jsonl", out_dir / "timing.json"
+    if not (predictions.is_file() and timing.is_file()):
+        predictions.unlink(missing_ok=True)  # answers without their timing: generate again
+        report = predict(model, processor, test, predictions, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, source=str(test_path))
+        tokens = answer_tokens(processor, read_predictions(predictions).values())
+        timing.write_text(json.dumps({"answer_tokens": tokens, "seconds": report.seconds}) + "\n")
+    times = json.loads(timing.read_text())
+    scores = score("world", predictions, test_path)
+    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    return Evaluation(scores, times["answer_tokens"], times["seconds"])
+
+
+def answer_tokens(processor: Any, predictions: Any) -> int:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    # +1: the end-of-turn token that stops each answer
+    return sum(len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) + 1 for p in predictions)
+
+
+def evaluation_dict(evaluation: Evaluation) -> dict[str, Any]:
+    return {**asdict(evaluation), "tokens_per_s": evaluation.tokens_per_s}
