@@ -73,6 +73,8 @@ def test_sigkill_mid_stage_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     assert not (tmp_path / "killed" / "sft").exists()  # no half-written output that looks complete
     again = mose_train(killed)
     assert again.wait() == 2 and "pass --resume" in again.stdout.read()  # never restarts silently
+    changed = mose_train(killed, "--resume", "stages.sft.batch_size=2")
+    assert changed.wait() == 2 and "ran with other settings" in changed.stdout.read()
     resumed = mose_train(killed, "--resume")
     assert resumed.wait() == 0, resumed.stdout.read()
 

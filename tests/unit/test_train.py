@@ -145,6 +145,12 @@ def test_recipe_errors_name_the_key_before_any_work(tmp_path, world):
         recipe(tmp_path, world, {"convert": {"mose": {}}, "sft": {"learning_rate": 1}})
     with pytest.raises(RecipeError, match="'stages.sft.batch_size' is 'big'"):
         recipe(tmp_path, world, {"convert": {"mose": {}}, "sft": {"batch_size": "big"}})
+    with pytest.raises(RecipeError, match="test.yaml: stages.sft.batch_size is 0; it must be >= 1"):
+        recipe(tmp_path, world, {"convert": {"mose": {}}, "sft": {"batch_size": 0}})
+    with pytest.raises(RecipeError, match="stages.sft.lr is nan"):
+        recipe(tmp_path, world, {"convert": {"mose": {}}, "sft": {"lr": "nan"}})
+    with pytest.raises(RecipeError, match="data.fraction is 0.0"):
+        recipe(tmp_path, world, {"convert": {"mose": {}}}, data={"train": world, "fraction": 0})
     with pytest.raises(RecipeError, match="stage 'sft': sft needs a converted model"):
         train(recipe(tmp_path, world, {"sft": {}, "convert": {"mose": {}}}))
     with pytest.raises(RecipeError, match="router pretraining needs a MoSE model"):
@@ -169,6 +175,9 @@ def test_finished_runs_need_resume_and_resume_skips_finished_stages(tmp_path, wo
     results = train(r, resume=True, progress=False)
     assert all(results[n]["skipped"] for n in ("convert", "router", "sft"))
     assert "router_acc/chain" in results["router"]  # the first run's metrics are kept
+    changed = recipe(tmp_path, world, mose_stages(sft={"lr": 5e-4}))
+    with pytest.raises(RecipeError, match=r"run/sft was trained with other settings \(stages.sft\)"):
+        train(changed, resume=True, progress=False)
 
 
 def test_load_recipe_merges_base_and_applies_overrides(tmp_path, world):
@@ -211,7 +220,9 @@ def test_a_resume_state_that_does_not_fit_the_model_is_refused(tmp_path, tiny):
     from mose.train.checkpoint import load_trainable
 
     model, _ = tiny("qwen2_vl")
+    model.requires_grad_(False)
+    model.lm_head.requires_grad_(True)
     with pytest.raises(ValueError, match="does not match the model"):
         load_trainable(model, {"lm_head.weight": torch.zeros(3, 3)}, tmp_path)
-    with pytest.raises(ValueError, match="unknown weights"):
+    with pytest.raises(ValueError, match="not trained by both"):
         load_trainable(model, {"model.nothing.weight": torch.zeros(3)}, tmp_path)

@@ -216,7 +216,8 @@ def _unique_ids(samples: Sequence[Sample], source: str) -> list[str]:
 
 
 def _check_complete(out_path: Path, ids: list[str]) -> None:
-    missing = [i for i in ids if i not in read_predictions(out_path)]
+    have = read_predictions(out_path)
+    missing = [i for i in ids if i not in have]
     if missing:
         raise ValueError(f"{out_path}: exists but lacks {len(missing)} of the {len(ids)} input ids "
                          f"(first: {missing[0]!r}); it was written for other data: remove it "

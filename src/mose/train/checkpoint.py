@@ -47,13 +47,14 @@ def is_complete(out_dir: Path) -> bool:
 @dataclass
 class ResumeState:
     step: int
+    fingerprint: dict[str, Any]  # what the stage ran with: a resume must run with the same
     trainable: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: dict[str, Any]
 
 
-def save_resume(folder: Path, step: int, trainable: dict[str, torch.Tensor],
+def save_resume(folder: Path, step: int, fingerprint: dict[str, Any], trainable: dict[str, torch.Tensor],
                 optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
     """Write the state after `step` optimizer steps, then drop older ones."""
     final = folder / f"{STEP_PREFIX}{step:08d}"
@@ -65,8 +66,8 @@ def save_resume(folder: Path, step: int, trainable: dict[str, torch.Tensor],
     save_file(moments, tmp / "optimizer.safetensors")
     save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    meta = {"step": step, "optimizer_groups": groups, "scheduler": scheduler_state,
-            "python_rng": _jsonable(random.getstate())}
+    meta = {"step": step, "fingerprint": fingerprint, "optimizer_groups": groups,
+            "scheduler": scheduler_state, "python_rng": _jsonable(random.getstate())}
     (tmp / "state.json").write_text(json.dumps(meta))
     tmp.rename(final)
     for older in folder.glob(f"{STEP_PREFIX}*"):
@@ -86,8 +87,8 @@ def load_resume(folder: Path) -> ResumeState | None:
     python_rng = meta["python_rng"]
     rng = {"torch": load_file(latest / "rng.safetensors")["torch"],
            "python": (python_rng[0], tuple(python_rng[1]), python_rng[2])}
-    return ResumeState(meta["step"], load_file(latest / "trainable.safetensors"), optimizer,
-                       meta["scheduler"], rng)
+    return ResumeState(meta["step"], meta["fingerprint"], load_file(latest / "trainable.safetensors"),
+                       optimizer, meta["scheduler"], rng)
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
@@ -97,12 +98,12 @@ def restore_rng(rng: dict[str, Any]) -> None:
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Copy saved trainable weights into the model, refusing any mismatch."""
-    params = dict(model.named_parameters())
-    missing = sorted(set(tensors) - set(params))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(tensors) ^ set(params))
     wrong = [k for k in tensors if k in params and params[k].shape != tensors[k].shape]
     if missing or wrong:
         raise ValueError(f"{source}: the resume state does not match the model "
-                         f"(unknown weights {missing[:3]}, wrong shapes {wrong[:3]})")
+                         f"(weights not trained by both {missing[:3]}, wrong shapes {wrong[:3]})")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)

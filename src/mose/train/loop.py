@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,6 +85,10 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
     """
     acc, opts = ctx.accelerator, plan.options
     sharded = plan.distribute and acc.distributed_type in SHARDED
+    if plan.distribute and acc.distributed_type == DistributedType.DEEPSPEED and opts.grad_accum > 1:
+        # The DeepSpeed engine steps at every backward unless it accumulates itself.
+        raise ValueError(f"stage {plan.name!r}: under DeepSpeed set grad_accum 1 and raise "
+                         "batch_size (or the number of processes) instead")
     named = freeze_all_but(model, plan.trainable, plan.frozen)
     params = [p for _, p in named]
     order = BatchOrder(len(plan.dataset), opts.batch_size, opts.grad_accum, acc.num_processes, ctx.seed)
@@ -93,7 +97,10 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
     scheduler = get_scheduler(SCHEDULES[opts.schedule], optimizer,
                               num_warmup_steps=math.ceil(opts.warmup_ratio * total),
                               num_training_steps=total)
-    start = _resume(model, optimizer, scheduler, ctx.resume_dir) if resume else 0
+    # Everything the batches and the schedule depend on: a resume must run with the same.
+    fingerprint = {"options": asdict(opts), "world_size": acc.num_processes,
+                   "samples": len(plan.dataset), "seed": ctx.seed}
+    start = _resume(model, optimizer, scheduler, ctx.resume_dir, fingerprint) if resume else 0
     if opts.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
@@ -113,7 +120,7 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
                 logger.advance(done, order.per_step)
             # Resume states hold whole trainable tensors, which sharded runs do not have.
             if opts.save_every and done % opts.save_every == 0 and done < total and not sharded:
-                _save_resume(acc, named, optimizer, scheduler, ctx.resume_dir, done)
+                _save_resume(acc, fingerprint, named, optimizer, scheduler, ctx.resume_dir, done)
         if plan.evaluate is not None:
             logger.write(total, plan.evaluate(acc.unwrap_model(runner)))
     finally:
@@ -177,10 +184,18 @@ def _items(plan: StagePlan, batch: dict[str, torch.Tensor]) -> float:
     return float((batch["labels"][:, 1:] != -100).sum())
 
 
-def _resume(model, optimizer, scheduler, folder: Path) -> int:
+def _resume(model, optimizer, scheduler, folder: Path, fingerprint: dict) -> int:
     state = load_resume(folder)
     if state is None:
         return 0
+    current = json.loads(json.dumps(fingerprint))  # as the saved one went through JSON
+    if state.fingerprint != current:
+        changed = sorted(k for k in current if state.fingerprint.get(k) != current[k])
+        options = sorted(k for k, v in current["options"].items()
+                         if state.fingerprint["options"].get(k) != v)
+        raise ValueError(f"{folder}: the interrupted stage ran with other settings ({', '.join(changed)}"
+                         f"{': ' + ', '.join(options) if options else ''}); resume with the same recipe and "
+                         "processes, or delete that folder to start the stage over")
     load_trainable(model, state.trainable, folder)
     optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)})
@@ -188,9 +203,9 @@ def _resume(model, optimizer, scheduler, folder: Path) -> int:
     return state.step
 
 
-def _save_resume(acc, named, optimizer, scheduler, folder: Path, step: int) -> None:
+def _save_resume(acc, fingerprint, named, optimizer, scheduler, folder: Path, step: int) -> None:
     if acc.is_main_process:
-        save_resume(folder, step, dict(named), optimizer, scheduler)
+        save_resume(folder, step, fingerprint, dict(named), optimizer, scheduler)
     acc.wait_for_everyone()
 
 

@@ -20,6 +20,7 @@ drops that stage). Overrides use dotted keys (`stages.sft.lr=3e-4`,
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -45,6 +46,10 @@ class DataOptions:
     max_length: int | None = None  # tokens per sample; longer answers are cut
     max_pixels: int | None = None  # cap on an image's pixels (448*448 = 256 tokens); saved with the model
 
+    def __post_init__(self) -> None:
+        _check_range(self, fraction=(0.0, 1.0, False), max_length=(1, None, True),
+                     max_pixels=(1, None, True))
+
 
 @dataclass
 class TrainOptions:
@@ -64,6 +69,13 @@ class TrainOptions:
     log_every: int = 10
     save_every: int = 100  # optimizer steps between resume states (0: none; each holds the
     # trainable weights and their AdamW moments, so large trainable sets want it rarer)
+
+    def __post_init__(self) -> None:
+        _check_range(self, epochs=(0.0, None, False), max_steps=(1, None, True),
+                     batch_size=(1, None, True), grad_accum=(1, None, True), lr=(0.0, None, False),
+                     weight_decay=(0.0, None, True), warmup_ratio=(0.0, 1.0, True),
+                     max_grad_norm=(0.0, None, False), log_every=(1, None, True),
+                     save_every=(0, None, True))
 
 
 @dataclass
@@ -104,6 +116,20 @@ class ConvertStage:
     def config(self) -> MoSEConfig | TokenMoEConfig:
         kind, fields_ = ("mose", self.mose) if self.mose is not None else ("token_moe", self.token_moe)
         return config_from_dict({"kind": kind, **fields_})
+
+
+def _check_range(options: Any, **bounds: tuple[float, float | None, bool]) -> None:
+    """Each named option within (low, high); the flag says whether `low` itself is allowed."""
+    for name, (low, high, low_ok) in bounds.items():
+        value = getattr(options, name)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (value >= low if low_ok else value > low)
+        ok = ok and (high is None or value <= high)
+        if not ok:
+            above = f">= {low}" if low_ok else f"> {low}"
+            within = f"{above} and <= {high}" if high is not None else above
+            raise RecipeError(f"{name} is {value!r}; it must be {within}")
 
 
 StageOptions = BackboneStage | ConvertStage | RouterStage | SFTStage
@@ -186,7 +212,10 @@ def _build(cls: type, data: Any, source: str, where: str):
                 raise RecipeError(f"{source}: missing required key {_key(where, name)}")
             continue
         data[name] = _check_type(data[name], hints[name], source, _key(where, name))
-    return cls(**data)
+    try:
+        return cls(**data)
+    except RecipeError as error:  # a value out of range: name the file and the full key
+        raise RecipeError(f"{source}: {where + '.' if where else ''}{error}") from None
 
 
 def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:

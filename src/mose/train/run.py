@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from rich.console import Console
@@ -27,7 +28,7 @@ from mose.data import Sample
 from mose.data.collate import Collator, EncodedDataset, SampleEncoder
 from mose.models.loading import is_converted, load_model, model_type_of
 from mose.skills.taxonomy import Taxonomy
-from mose.train.checkpoint import is_complete, save_model
+from mose.train.checkpoint import RECIPE_FILE, is_complete, save_model
 from mose.train.data import RecordCache, fraction_of, labelled_split
 from mose.train.loop import LoopContext, train_stage
 from mose.train.recipe import BackboneStage, ConvertStage, Recipe, RecipeError, RouterStage, SFTStage
@@ -58,6 +59,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         raise RecipeError(f"{out} already holds {what}: pass --resume to continue that run, "
                           "or choose another output_dir")
     first = next((i for i, n in enumerate(names) if n not in done), len(names))
+    _check_finished_stages(recipe, out, names[:first])
     earlier = _earlier_results(out)
     results: dict[str, dict[str, Any]] = {
         n: {**earlier.get(n, {}), "output": str(out / n), "skipped": True} for n in names[:first]}
@@ -94,6 +96,19 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         summary = {"world_size": accelerator.num_processes, "stages": results}
         (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return results
+
+
+def _check_finished_stages(recipe: Recipe, out: Path, finished: list[str]) -> None:
+    """A finished stage is reused only if it ran with what the recipe now says up to it."""
+    current = recipe.to_dict()
+    for i, name in enumerate(finished):
+        saved = yaml.safe_load((out / name / RECIPE_FILE).read_text())
+        changed = [k for k in ("model", "seed", "dtype", "data") if saved.get(k) != current[k]]
+        changed += [f"stages.{n}" for n in finished[: i + 1]
+                    if saved["stages"].get(n) != current["stages"][n]]
+        if changed:
+            raise RecipeError(f"{out / name} was trained with other settings ({', '.join(changed)}); "
+                              "resume with the recipe it ran with, or choose another output_dir")
 
 
 def _earlier_results(out: Path) -> dict[str, dict[str, Any]]:

@@ -74,9 +74,7 @@ def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_f
                                ignore_index=IGNORE, reduction="sum")
         tokens = (labels != IGNORE).sum()
         if skill_loss_weight:
-            state = model.mose_state
-            skill = skill_routing_loss(state.router_logits, model.level_of_layer, batch["skill_labels"])
-            loss = loss + skill_loss_weight * tokens * skill
+            loss = loss + skill_loss_weight * tokens * detached_skill_loss(model, batch["skill_labels"])
         if aux_loss_coef and out.get("aux_loss") is not None:
             loss = loss + aux_loss_coef * tokens * out["aux_loss"]
         return loss
@@ -84,9 +82,17 @@ def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_f
     return objective
 
 
+def detached_skill_loss(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The routers' skill loss on the pooled inputs they read, detached: it trains the
+    routers only, never (through those inputs) the experts below them."""
+    pooled = model.mose_state.router_inputs
+    logits = {b.layer_idx: b.router(pooled[b.layer_idx].detach())  # (B, S) each
+              for b in expert_blocks(model) if isinstance(b, MoSEBlock)}
+    return skill_routing_loss(logits, model.level_of_layer, labels)
+
+
 def router_objective(model: nn.Module) -> Objective:
     """The routers' skill loss on the pooled inputs of a no_grad forward (summed over samples)."""
-    blocks = [b for b in expert_blocks(model) if isinstance(b, MoSEBlock)]
 
     def objective(_runner: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["skill_labels"]  # (B, L)
@@ -95,9 +101,7 @@ def router_objective(model: nn.Module) -> Objective:
         # will have once the routers before it choose right.
         with torch.no_grad(), model.routing_only():
             model(**inputs, skill_labels=labels)
-        pooled = model.mose_state.router_inputs
-        logits = {b.layer_idx: b.router(pooled[b.layer_idx].detach()) for b in blocks}  # (B, S) each
-        return skill_routing_loss(logits, model.level_of_layer, labels) * labels.shape[0]
+        return detached_skill_loss(model, labels) * labels.shape[0]
 
     return objective
 
