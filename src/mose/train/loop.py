@@ -209,6 +209,17 @@ def _save_resume(acc, fingerprint, named, optimizer, scheduler, folder: Path, st
     acc.wait_for_everyone()
 
 
+def _metrics_from(path: Path, start: int):
+    """metrics.jsonl opened for appending after step `start`: the lines of steps a resumed
+    run does again (after its last resume state) are dropped, a fresh start drops all."""
+    kept = []
+    if start and path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= start]
+    path.write_text("".join(kept))
+    return path.open("a")
+
+
 class _Logger:
     """Progress bar with loss and samples/s; TensorBoard and metrics.jsonl on the main process."""
 
@@ -227,7 +238,7 @@ class _Logger:
         self.writer = None
         if self.main:
             ctx.log_dir.mkdir(parents=True, exist_ok=True)
-            self.metrics_file = (ctx.log_dir / "metrics.jsonl").open("a")
+            self.metrics_file = _metrics_from(ctx.log_dir / "metrics.jsonl", start)
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is a dependency; a broken install only loses the events

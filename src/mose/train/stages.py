@@ -109,28 +109,25 @@ def router_objective(model: nn.Module) -> Objective:
 @torch.no_grad()
 def router_accuracy(model: nn.Module, dataset: EncodedDataset, collator: Collator,
                     batch_size: int) -> dict[str, float]:
-    """Held-out accuracy of the routers' own choices: per level (over its layers) and whole chains."""
+    """Held-out accuracy of the routers' own choices, read as skill chains (a level's skill is
+    its layers' majority, as `mose analyze` and every prediction report it): per level and whole."""
     model.eval()
-    level_names = model.mose_config.taxonomy.level_names
-    correct = torch.zeros(len(level_names))
-    chains, count = 0, 0
+    taxonomy = model.mose_config.taxonomy
     device = next(model.parameters()).device
+    right = torch.zeros(len(taxonomy.levels))
+    chains = count = 0
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        labels = batch.pop("skill_labels")
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        labels = batch.pop("skill_labels")  # (B, L): taken out, so the routers choose alone
         with model.routing_only():
-            model(**batch)
-        chosen = {name: [] for name in level_names}
-        for layer, route in model.mose_state.routes.items():
-            level = model.level_of_layer[layer]
-            chosen[level_names[level]].append(route.experts[:, 0].cpu() == labels[:, level])
-        right = torch.stack([torch.stack(chosen[n]).float().mean(0) for n in level_names])  # (L, B)
-        correct += right.sum(dim=1)
-        chains += int((right == 1).all(dim=0).sum())
+            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        chosen = torch.tensor([taxonomy.encode(c.as_dict()) for c in model.skill_chains()])  # (B, L)
+        hits = chosen == labels  # (B, L)
+        right += hits.sum(dim=0)
+        chains += int(hits.all(dim=1).sum())
         count += labels.shape[0]
     if count == 0:
         return {}
-    metrics = {f"router_acc/{name}": float(correct[i] / count) for i, name in enumerate(level_names)}
+    metrics = {f"router_acc/{level}": float(right[i] / count) for i, level in enumerate(taxonomy.level_names)}
     metrics["router_acc/chain"] = chains / count
     return metrics
