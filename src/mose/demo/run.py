@@ -45,6 +45,7 @@ def run_demo(out: str | Path, settings: DemoSettings) -> dict[str, Any]:
     out = Path(out)
     begin = time.perf_counter()
     s = settings
+    _claim(out, s)
     with step(1, "the procedural driving world") as done:
         data = make_data(out / "data", s.pretrain_samples, s.train_samples, s.test_samples, s.seed)
         done["line"] = (f"{s.pretrain_samples} scene descriptions (pretraining), {s.train_samples} "
@@ -91,6 +92,16 @@ def run_demo(out: str | Path, settings: DemoSettings) -> dict[str, Any]:
                           sources=_sources(out, data))
     console.print(f"wrote {out / 'results.json'} and {report} in {time.perf_counter() - begin:.0f} s")
     return results
+
+
+def _claim(out: Path, settings: DemoSettings) -> None:
+    """Reuse only a run of the same settings: data, models and answers all depend on them."""
+    path = out / "settings.json"
+    if path.is_file() and json.loads(path.read_text()) != settings.to_dict():
+        raise ValueError(f"{out} holds a demo run with other settings ({path}; --quick and the default "
+                         "differ): choose another --out or delete that folder")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
 
 
 def _loss(metrics: dict[str, Any] | None) -> str:
