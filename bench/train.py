@@ -27,11 +27,12 @@ import mose
 from mose.data import read_jsonl
 from mose.data.collate import Collator, EncodedDataset, SampleEncoder
 from mose.data.world import generate
+from mose.layers import expert_blocks
 from mose.train.data import BatchOrder
 from mose.train.loop import LoopContext, StagePlan, adamw, freeze_all_but, train_stage
 from mose.train.recipe import BackboneStage, SFTStage
 from mose.train.run import make_accelerator
-from mose.train.stages import answer_objective, backbone_plan, expert_blocks, router_objective, sft_plan
+from mose.train.stages import answer_objective, backbone_plan, router_objective, sft_plan
 
 
 def shape(full: bool) -> dict[str, int]:

@@ -15,15 +15,11 @@ from mose.data import Sample
 from mose.eval.predict import predict
 from mose.eval.predictions import read_predictions
 from mose.eval.score import score
-from mose.layers.blocks import ExpertBlock
+from mose.layers.blocks import expert_blocks
 
 
 def _count(modules: list[nn.Module]) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
-
-
-def expert_blocks(model: nn.Module) -> list[ExpertBlock]:
-    return [m for m in model.modules() if isinstance(m, ExpertBlock)]
 
 
 def trainable_params(model: nn.Module, method: str) -> int:

@@ -38,7 +38,7 @@ from mose.eval.predictions import Prediction, read_predictions
 from mose.eval.report import SampleView, write_report
 from mose.eval.score.choice import parse_choice
 from mose.eval.score.common import exact_match
-from mose.layers.blocks import ExpertBlock, MoSEBlock
+from mose.layers.blocks import ExpertBlock, MoSEBlock, expert_blocks
 from mose.routing import SkillChain
 from mose.skills.taxonomy import Taxonomy
 
@@ -87,11 +87,6 @@ def check_converted(model: Any, name: str = "model") -> None:
 def model_kind(model: Any) -> str:
     """"mose" or "token_moe"."""
     return model.mose_config.kind
-
-
-def expert_blocks(model: Any) -> list[ExpertBlock]:
-    """The MoSE / token-MoE blocks of a converted model, in layer order."""
-    return [layer.mlp for layer in model.mose_arch.layers(model) if isinstance(layer.mlp, ExpertBlock)]
 
 
 def expert_labels(model: Any, block: ExpertBlock) -> tuple[str, ...]:

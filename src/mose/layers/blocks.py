@@ -45,6 +45,11 @@ class ExpertBlock(nn.Module):
         return routed if self.shared_expert is None else routed + self.shared_expert(x)
 
 
+def expert_blocks(model: nn.Module) -> list[ExpertBlock]:
+    """The MoSE or token-MoE blocks of a converted model, in layer order (none in a dense one)."""
+    return [m for m in model.modules() if isinstance(m, ExpertBlock)]
+
+
 class MoSEBlock(ExpertBlock):
     """Shared expert + skill experts of one level, routed once per sample.
 

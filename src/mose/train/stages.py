@@ -16,7 +16,7 @@ from torch import nn
 from mose.arch import arch_of
 from mose.config import MoSEConfig, resolve_layers
 from mose.data.collate import IGNORE, Collator, EncodedDataset
-from mose.layers import ExpertBlock, MoSEBlock, skill_routing_loss
+from mose.layers import MoSEBlock, expert_blocks, skill_routing_loss
 from mose.train.loop import Objective, StagePlan
 from mose.train.recipe import BackboneStage, RouterStage, SFTStage
 
@@ -37,6 +37,8 @@ def backbone_plan(name: str, model: nn.Module, stage: BackboneStage, dataset: En
 
 def sft_plan(name: str, model: nn.Module, stage: SFTStage, dataset: EncodedDataset) -> StagePlan:
     blocks = expert_blocks(model)
+    if not blocks:
+        raise ValueError(f"stage {name!r}: the model has no MoSE or token-MoE blocks: convert it first")
     frozen = [] if stage.train_routers else [b.router for b in blocks]
     coef = getattr(model.mose_config, "aux_loss_coef", 0.0)
     objective = answer_objective(model, stage.skill_loss_weight, stage.teacher_forcing, coef)
@@ -50,13 +52,6 @@ def router_plan(name: str, model: nn.Module, stage: RouterStage, dataset: Encode
     routers = [b.router for b in expert_blocks(model)]
     return StagePlan(name, stage, dataset, routers, router_objective(model), distribute=False,
                      evaluate=lambda m: router_accuracy(m, held_out, collator, stage.batch_size))
-
-
-def expert_blocks(model: nn.Module) -> list[ExpertBlock]:
-    blocks = [m for m in model.modules() if isinstance(m, ExpertBlock)]
-    if not blocks:
-        raise ValueError("the model has no MoSE or token-MoE blocks: convert it first")
-    return blocks
 
 
 def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_forcing: bool = False,
