@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,3 @@ def answer_tokens(processor: Any, predictions: Any) -> int:
     tokenizer = getattr(processor, "tokenizer", processor)
     # +1: the end-of-turn token that stops each answer
     return sum(len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) + 1 for p in predictions)
-
-
-def evaluation_dict(evaluation: Evaluation) -> dict[str, Any]:
-    return {**asdict(evaluation), "tokens_per_s": evaluation.tokens_per_s}
