@@ -67,8 +67,12 @@ class MoSEModelMixin:
 
     def forward(self, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *args: Any,
-                skill_labels: Any = None, **kwargs: Any):
+                skill_labels: Any = None, routing_mask: torch.Tensor | None = None, **kwargs: Any):
         """The base forward, plus `skill_labels` to force routes (and get `router_loss`).
+
+        `routing_mask` (B, T) names the tokens the routers average over (default: every real
+        token). Training passes the prompt's tokens: at inference the route is chosen on the
+        prompt alone, so it must be in training too, and never read the answer.
 
         The output also carries `router_loss` (MoSE, when skill labels are given)
         and `aux_loss` (token MoE: the mean load-balancing loss, before its coefficient).
@@ -81,6 +85,7 @@ class MoSEModelMixin:
         self.mose_state.begin(
             seq_len=seq_len,
             attention_mask=attention_mask,
+            routing_mask=routing_mask,
             image_mask=self._image_mask(input_ids) if getattr(cfg, "modality_groups", False) else None,
             skill_labels=labels,
             decoding=past is not None and past.get_seq_length() > 0,

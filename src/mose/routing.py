@@ -60,6 +60,9 @@ class Route:
 @dataclass
 class RoutingState:
     token_mask: torch.Tensor | None = None  # (B, T) bool: real (non-padding) tokens
+    # (B, T) bool: the tokens routers average over, when not all the real ones
+    # (training passes the prompt's, so a route never depends on the answer it is trained to give)
+    route_mask: torch.Tensor | None = None
     image_mask: torch.Tensor | None = None  # (B, T) bool: image tokens
     skill_labels: torch.Tensor | None = None  # (B, L) long: forced skill per level
     decoding: bool = False  # this forward continues a cached sequence
@@ -86,6 +89,7 @@ class RoutingState:
         seq_len: int,
         attention_mask: torch.Tensor | None,
         image_mask: torch.Tensor | None,
+        routing_mask: torch.Tensor | None = None,
         skill_labels: torch.Tensor | None,
         decoding: bool,
         decode_routing: str,
@@ -96,6 +100,9 @@ class RoutingState:
             self.token_mask = attention_mask[:, -seq_len:].bool()  # (B, T)
         else:
             self.token_mask = None
+        self.route_mask = None if routing_mask is None else routing_mask[:, -seq_len:].bool()  # (B, T)
+        if self.route_mask is not None and self.token_mask is not None:
+            self.route_mask = self.route_mask & self.token_mask
         self.image_mask = image_mask
         self.skill_labels = skill_labels
         self.decoding = decoding
@@ -119,14 +126,22 @@ class RoutingState:
 
     def real_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T) float mask of real tokens for hidden states of shape (B, T, H)."""
-        if self.token_mask is None:
+        return self._mask(self.token_mask, hidden)
+
+    def routed_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T) float mask of the tokens a router averages over (the real ones unless told)."""
+        return self._mask(self.token_mask if self.route_mask is None else self.route_mask, hidden)
+
+    @staticmethod
+    def _mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+        if mask is None:
             return hidden.new_ones(hidden.shape[:2], dtype=torch.float32)
-        if self.token_mask.shape != hidden.shape[:2]:
+        if mask.shape != hidden.shape[:2]:
             raise RuntimeError(
-                f"routing mask of shape {tuple(self.token_mask.shape)} does not match hidden "
+                f"routing mask of shape {tuple(mask.shape)} does not match hidden "
                 f"states {tuple(hidden.shape[:2])}: call the model, not its layers, directly"
             )
-        return self.token_mask.float()
+        return mask.float()
 
 
 def skill_label_tensor(

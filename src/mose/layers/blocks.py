@@ -67,7 +67,7 @@ class MoSEBlock(ExpertBlock):
         state = self.state
         if state.reuse_routes and self.layer_idx in state.routes:
             return
-        mask = state.real_tokens(hidden)  # (B, T)
+        mask = state.routed_tokens(hidden)  # (B, T)
         total = (hidden.float() * mask[..., None]).sum(dim=1)  # (B, H)
         count = mask.sum(dim=1, keepdim=True)  # (B, 1)
         if state.decoding and self.layer_idx in state.running:

@@ -56,10 +56,17 @@ def router_plan(name: str, model: nn.Module, stage: RouterStage, dataset: Encode
 
 def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_forcing: bool = False,
                      aux_loss_coef: float = 0.0) -> Objective:
-    """Cross-entropy summed over answer tokens, plus the auxiliary routing losses."""
+    """Cross-entropy summed over answer tokens, plus the auxiliary routing losses.
+
+    MoSE's routers average over the prompt only, as they do when answering: a route
+    that read the answer would be one inference never takes.
+    """
+    routes_per_sample = isinstance(getattr(model, "mose_config", None), MoSEConfig)
 
     def objective(runner: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "skill_labels")}
+        if routes_per_sample:
+            inputs["routing_mask"] = batch["attention_mask"].bool() & (batch["labels"] == IGNORE)  # (B, T)
         if teacher_forcing:
             inputs["skill_labels"] = batch["skill_labels"]
         out = runner(**inputs)
