@@ -53,13 +53,36 @@ def tiny():
     return get
 
 
-def sharpen_routers(model, seed: int = 0, std: float = 2.0) -> None:
-    """Random, confident routers so that samples really take different routes."""
+def sharpen_routers(model, seed: int = 0, std: float = 2.0, spread: dict | None = None) -> None:
+    """Random, confident routers so that samples really take different routes.
+
+    Mean hidden states of a random model share most of their direction, so random routers
+    may send every sample to one skill. With `spread` (a batch of model inputs) each router
+    is made blind to the batch's mean input: the samples' differences decide their routes.
+    """
     generator = torch.Generator().manual_seed(seed)
     for block in mose_blocks(model):
         with torch.no_grad():
             weight = block.router.weight
             weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+    if spread is None:
+        return
+    with torch.no_grad():
+        model(**spread)  # upcycled experts are copies: router inputs do not depend on the routes
+        for block in mose_blocks(model):
+            mean = model.mose_state.router_inputs[block.layer_idx].mean(dim=0)  # (H,)
+            direction = mean / mean.norm()
+            block.router.weight -= (block.router.weight @ direction)[:, None] * direction[None, :]
+
+
+def prompt_batch(processor, samples) -> dict:
+    """The model inputs of the samples' prompts (left padded, as generation takes them)."""
+    from mose.data.collate import Collator, SampleEncoder
+
+    encoder = SampleEncoder(processor)
+    items = [encoder(s, with_answer=False) for s in samples]
+    batch = Collator(processor.tokenizer.pad_token_id, "left")(items)
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def mose_blocks(model):

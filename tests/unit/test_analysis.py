@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mose
-from conftest import mose_blocks, sharpen_routers
+from conftest import mose_blocks, prompt_batch, sharpen_routers
 from mose.data import DataError, Sample, read_jsonl
 from mose.data.world import generate
 from mose.eval.analysis import (
@@ -167,8 +167,8 @@ def test_router_accuracy_equals_a_hand_count_when_routers_are_forced(tiny, world
 
 def test_routes_do_not_depend_on_batch_size(tiny, world):
     model, processor = converted(tiny, mose.MoSEConfig(taxonomy="driving"))
-    sharpen_routers(model, seed=1)
     samples = list(read_jsonl(world))[:8]
+    sharpen_routers(model, seed=1, spread=prompt_batch(processor, samples))
     one = route_samples(model, processor, samples, batch_size=1, progress=False)
     many = route_samples(model, processor, samples, batch_size=8, progress=False)
     assert [c.as_dict() for c in one] == [c.as_dict() for c in many]

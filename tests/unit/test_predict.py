@@ -5,7 +5,7 @@ import json
 import pytest
 
 import mose
-from conftest import sharpen_routers
+from conftest import prompt_batch, sharpen_routers
 from mose.data import DataError, Sample, read_jsonl
 from mose.data.world import generate
 from mose.eval.batching import (
@@ -32,14 +32,12 @@ def samples(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """A converted tiny Qwen2-VL with sharp random routers, saved and loaded like a checkpoint.
-
-    Router seed 3 spreads the 12 robot samples over 4 routes.
-    """
+def converted(tmp_path_factory, samples):
+    """A converted tiny Qwen2-VL with sharp random routers (spread over the 12 robot samples),
+    saved and loaded like a checkpoint."""
     model, processor = mose.tiny_model("qwen2_vl", seed=0)
     model = mose.convert(model, mose.MoSEConfig(taxonomy="robot"))
-    sharpen_routers(model, seed=3)
+    sharpen_routers(model, seed=3, spread=prompt_batch(processor, samples))
     path = tmp_path_factory.mktemp("model")
     model.save_pretrained(path)
     save_processor(processor, path)

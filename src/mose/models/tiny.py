@@ -121,8 +121,10 @@ def _text_config(tokenizer: PreTrainedTokenizerFast, **overrides: Any) -> dict[s
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        # mrope sections must sum to head_dim / 2; the default [16, 24, 24] is for 128.
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+        # mrope sections must sum to head_dim / 2; the default [16, 24, 24] is for 128. Qwen2-VL gives
+        # an image's width the lowest rotary frequencies: at theta 1e4 one column of a tiny image turns
+        # them by under 0.004 rad, so left and right look alike; at theta 10, by 0.12-0.24 rad.
+        rope_parameters={"rope_type": "default", "rope_theta": 10.0,
                          "mrope_section": [4, 6, 6]},
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.eos_token_id,
@@ -148,8 +150,9 @@ def _vision_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 def _qwen2_vl(tokenizer, **text):
     text = _text_config(tokenizer, **text)
-    # The vision tower's output width is the language model's width.
-    vision = dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2)
+    # The vision tower's output width is the language model's width. At width 32 the procedural
+    # world's objects were hard to tell apart after pretraining; 64 reads them (README, "The demo").
+    vision = dict(depth=2, embed_dim=64, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2)
     config = Qwen2VLConfig(text_config=text, vision_config=vision,
                            **_vision_ids(tokenizer))
     return Qwen2VLForConditionalGeneration(config)
@@ -157,7 +160,7 @@ def _qwen2_vl(tokenizer, **text):
 
 def _qwen2_5_vl(tokenizer, **text):
     text = _text_config(tokenizer, **text)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                   out_hidden_size=text["hidden_size"], fullatt_block_indexes=[1], window_size=56)
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
                               **_vision_ids(tokenizer))
@@ -166,7 +169,7 @@ def _qwen2_5_vl(tokenizer, **text):
 
 def _qwen2(tokenizer, **text):
     config = _text_config(tokenizer, **text)
-    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}  # text only: no image grid
     return Qwen2ForCausalLM(Qwen2Config(**config))
 
 

@@ -5,9 +5,13 @@ Questions come at the three levels of the `driving` taxonomy; the right plan
 follows from what is perceived (category, lane, distance) and predicted
 (motion), so planning cannot be answered without the earlier levels.
 
-One more kind, `describe` ("Describe the scene." → every object, nearest
-first), is off unless a weight switches it on (`--weight describe=1`): it is
-the generic task `mose demo` pretrains on before any planning question.
+The general kinds (`GENERAL_KINDS`: describe the scene, locate an object, say
+whether a category is there, count objects, locate what a red rectangle marks)
+are off unless a weight switches them on (`mose world generate --general`):
+they are the generic visual question answering a general VLM knows before it
+meets this benchmark, and what `mose demo` pretrains its tiny model on. None of
+them asks a benchmark question: no category by lane or rectangle, no motion
+question, no plan.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from mose.data.schema import Sample
-from mose.data.world.common import IMAGE_SIZE, arrow, weighted
+from mose.data.world.common import arrow, weighted
 
 # category → (CODA-LM category name, perception skill, can it move?)
 CATEGORIES = {
@@ -32,7 +36,12 @@ CATEGORIES = {
     "debris": ("other objects", "obstacle", False),
     "traffic light": ("traffic lights", "traffic_control", False),
 }
-LANES = {"left sidewalk": 8, "left lane": 34, "ego lane": 56, "right lane": 78, "right sidewalk": 104}
+# The scene lies on Qwen2-VL's token grid (2 × 2 patches of 14 px merge into one 28 px token): each
+# lane is one column of tokens and each distance one row, so a token shows at most one object.
+CELL = 28
+WIDTH, HEIGHT = 5 * CELL, 4 * CELL  # 140 × 112 px: 5 × 4 = 20 image tokens
+LANES = {"left sidewalk": 14, "left lane": 42, "ego lane": 70, "right lane": 98, "right sidewalk": 126}
+ROWS = (14, 42, 70)  # far, far, near; the ego car fills the ego lane's bottom row
 ROAD_LANES = ("left lane", "ego lane", "right lane")
 MOTIONS = {  # motion → (prediction skill, heading (dx, dy) on the image)
     "crossing": ("crossing", None),  # towards the ego lane, set per side
@@ -42,18 +51,28 @@ MOTIONS = {  # motion → (prediction skill, heading (dx, dy) on the image)
 }
 PLANS = {"keep": "keep lane", "yield": "slow down and yield", "stop": "stop",
          "steer_around": "change lane"}
-# `describe` comes last: with weight 0 the draw over the others is what it was without it.
-QUESTION_KINDS = ("region", "identify", "motion", "enter_lane", "plan", "describe")
-DEFAULT_WEIGHTS = {"describe": 0.0}  # user weights are merged over these
-COLORS = {"car": "#d22", "truck": "#e80", "pedestrian": "#f6c", "cyclist": "#a4f",
-          "traffic cone": "#f90", "barrier": "#eee", "debris": "#864", "traffic light": "#222"}
+QUESTION_KINDS = ("region", "identify", "motion", "enter_lane", "plan")
+# Drawn after the benchmark's kinds: at weight 0 the draw over those is what it was without them.
+GENERAL_KINDS = ("describe", "locate", "exists", "count", "locate_box", "color_box", "color_lane", "repeat")
+DEFAULT_WEIGHTS = dict.fromkeys(GENERAL_KINDS, 0.0)  # user weights are merged over these
+# One colour per category, none shared with the road, grass, markings, the ego car (blue) or the
+# red rectangle of region questions: a category is told by its colour and shape alone.
+COLORS = {"car": "#ee2", "truck": "#f80", "pedestrian": "#f6c", "cyclist": "#90f",
+          "traffic cone": "#0dd", "barrier": "#fff", "debris": "#840", "traffic light": "#111"}
+COLOR_NAMES = {"car": "yellow", "truck": "orange", "pedestrian": "pink", "cyclist": "purple",
+               "traffic cone": "cyan", "barrier": "white", "debris": "brown", "traffic light": "black"}
+
+
+# What a general model can say when asked to (the `repeat` kind): every phrase the benchmark's answers
+# use, never chosen for a scene.
+PHRASES = (*CATEGORIES, *MOTIONS, *PLANS.values(), "yes", "no", *LANES, *COLOR_NAMES.values())
 
 
 @dataclass
 class Thing:
     category: str
     lane: str
-    y: float  # image row of its centre: small = far ahead
+    y: float  # image row of its centre (one of ROWS): small = far ahead
     motion: str
     light: str | None = None  # "red" / "green" for traffic lights
 
@@ -63,7 +82,7 @@ class Thing:
 
     @property
     def near(self) -> bool:
-        return self.y > IMAGE_SIZE * 0.45
+        return self.y > HEIGHT / 2
 
     def box(self) -> tuple[float, float, float, float]:
         """xywh of its drawn shape."""
@@ -76,7 +95,7 @@ def _key_thing(rng: random.Random, weights: Mapping[str, float]) -> Thing:
     category = weighted(rng, list(CATEGORIES), weights)
     _, _, moves = CATEGORIES[category]
     if category == "traffic light":
-        return Thing(category, rng.choice(["left sidewalk", "right sidewalk"]), rng.uniform(20, 45),
+        return Thing(category, rng.choice(["left sidewalk", "right sidewalk"]), rng.choice(ROWS[:2]),
                      "stationary", light=rng.choice(["red", "green"]))
     if category in ("pedestrian", "cyclist"):
         lane = rng.choice(["left sidewalk", "right sidewalk", *ROAD_LANES])
@@ -88,7 +107,7 @@ def _key_thing(rng: random.Random, weights: Mapping[str, float]) -> Thing:
             motion = "same direction"
     else:
         lane, motion = rng.choice(ROAD_LANES), "stationary"
-    return Thing(category, lane, rng.uniform(18, 70), motion)
+    return Thing(category, lane, rng.choice(ROWS), motion)
 
 
 def plan_for(thing: Thing) -> str:
@@ -117,6 +136,12 @@ def _heading(thing: Thing) -> tuple[float, float] | None:
     return MOTIONS[thing.motion][1]
 
 
+def place(thing: Thing) -> str:
+    """`in the left lane, near` / `on the right sidewalk, far`."""
+    where = f"on the {thing.lane}" if "sidewalk" in thing.lane else f"in the {thing.lane}"
+    return f"{where}, {'near' if thing.near else 'far'}"
+
+
 def describe(things: list[Thing]) -> str:
     """A canonical scene description: each object, nearest first, with where it is and how it moves.
 
@@ -126,19 +151,18 @@ def describe(things: list[Thing]) -> str:
     for thing in sorted(things, key=lambda t: -t.y):  # larger y: nearer the ego car
         name = f"{thing.light} {thing.category}" if thing.light else thing.category
         article = "an" if name[0] in "aeiou" else "a"
-        place = f"on the {thing.lane}" if "sidewalk" in thing.lane else f"in the {thing.lane}"
-        parts.append(f"{article} {name} {place}, {'near' if thing.near else 'far'}, {thing.motion}")
+        parts.append(f"{article} {name} {place(thing)}, {thing.motion}")
     return "; ".join(parts) + "."
 
 
 def render(things: list[Thing], region: Thing | None) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "#5a8f3c")  # grass
+    image = Image.new("RGB", (WIDTH, HEIGHT), "#5a8f3c")  # grass
     draw = ImageDraw.Draw(image)
-    draw.rectangle([22, 0, 90, IMAGE_SIZE], fill="#555")  # road
-    for x in (45, 67):  # dashed lane markings
-        for y in range(0, IMAGE_SIZE, 12):
+    draw.rectangle([CELL, 0, 4 * CELL, HEIGHT], fill="#555")  # road: the three middle columns
+    for x in (2 * CELL, 3 * CELL):  # dashed lane markings
+        for y in range(0, HEIGHT, 12):
             draw.line([(x, y), (x, y + 6)], fill="#ddd", width=1)
-    draw.rectangle([50, 96, 62, 110], fill="#26c")  # ego car
+    draw.rectangle([64, 90, 76, 108], fill="#26c")  # ego car, in the ego lane's bottom row
     for thing in things:
         x, y, w, h = thing.box()
         shape = [x, y, x + w, y + h]
@@ -159,50 +183,99 @@ def render(things: list[Thing], region: Thing | None) -> Image.Image:
     return image
 
 
+def _background(rng: random.Random, key: Thing) -> list[Thing]:
+    """0–2 cars or trucks beside the key object's lane: they never matter for the plan, and a
+    question that names the key object's lane can only mean the key object."""
+    others: list[Thing] = []
+    for _ in range(rng.randint(0, 2)):
+        other = Thing(rng.choice(["car", "truck"]), rng.choice(["left lane", "right lane"]),
+                      rng.choice(ROWS), rng.choice(["same direction", "oncoming"]))
+        if other.lane != key.lane and all((o.lane, o.y) != (other.lane, other.y) for o in others):
+            others.append(other)
+    return others
+
+
+def _benchmark_question(kind: str, key: Thing) -> tuple[str, str, str]:
+    """(question, answer, task) of one of the benchmark's kinds, about the key object."""
+    name = key.category
+    if kind == "region":
+        return "What is the object inside the red rectangle?", name, "region_perception"
+    if kind == "identify":
+        return (f"What object is in the {key.lane} {'near the ego car' if key.near else 'ahead'}?",
+                name, "perception")
+    if kind == "motion":
+        return f"How will the {name} in the {key.lane} move?", key.motion, "prediction"
+    if kind == "enter_lane":
+        return (f"Will the {name} in the {key.lane} enter the ego lane?",
+                "yes" if will_enter_ego_lane(key) else "no", "prediction")
+    return "What should the ego vehicle do?", PLANS[plan_for(key)], "planning"
+
+
+def _unique(things: list[Thing], attribute: str) -> list[Thing]:
+    """The objects no other object shares `attribute` (category, lane) with."""
+    return [t for t in things if sum(getattr(o, attribute) == getattr(t, attribute) for o in things) == 1]
+
+
+def _general_question(rng: random.Random, kind: str,
+                      things: list[Thing]) -> tuple[str, str, str | None, Thing | None]:
+    """(question, answer, the category it names (None: none), the object a red rectangle marks)."""
+    if kind == "locate":
+        thing = rng.choice(_unique(things, "category"))
+        return f"Where is the {thing.category}?", place(thing), thing.category, None
+    if kind == "locate_box":
+        thing = rng.choice(things)
+        return "Where is the object inside the red rectangle?", place(thing), None, thing
+    if kind == "color_box":
+        thing = rng.choice(things)
+        return "What color is the object inside the red rectangle?", COLOR_NAMES[thing.category], None, thing
+    if kind == "color_lane":
+        thing = rng.choice(_unique(things, "lane"))
+        where = f"on the {thing.lane}" if "sidewalk" in thing.lane else f"in the {thing.lane}"
+        return f"What color is the object {where}?", COLOR_NAMES[thing.category], None, None
+    if kind == "exists":
+        present = {t.category for t in things}
+        pool = sorted(present) if rng.random() < 0.5 else [c for c in CATEGORIES if c not in present]
+        category = rng.choice(pool)
+        answer = "yes" if category in present else "no"
+        return f"Is there any {category} in the scene?", answer, category, None
+    if kind == "describe":
+        return "Describe the scene.", describe(things), None, None
+    if kind == "repeat":  # the words answers use, said when asked to, never chosen
+        phrase = rng.choice(PHRASES)
+        return f"Repeat after me: {phrase}", phrase, phrase if phrase in CATEGORIES else None, None
+    return "How many objects are there besides the ego vehicle?", str(len(things)), None, None
+
+
 def make_sample(rng: random.Random, sample_id: str, image_path: str,
                 weights: Mapping[str, float]) -> tuple[Sample, Image.Image]:
     weights = {**DEFAULT_WEIGHTS, **weights}
     key = _key_thing(rng, weights)
-    others = []
-    for _ in range(rng.randint(0, 2)):  # background traffic that never matters for the plan
-        other = Thing(rng.choice(["car", "truck"]), rng.choice(["left lane", "right lane"]),
-                      rng.uniform(5, 80), rng.choice(["same direction", "oncoming"]))
-        if abs(other.y - key.y) > 18 or other.lane != key.lane:
-            others.append(other)
-    kind = weighted(rng, QUESTION_KINDS, weights)
+    things = [key, *_background(rng, key)]
+    kind = weighted(rng, QUESTION_KINDS + GENERAL_KINDS, weights)
     if kind in ("motion", "enter_lane") and key.category == "traffic light":
         kind = "identify"
     if kind == "enter_lane" and key.lane == "ego lane":
         kind = "motion"
-    perception = CATEGORIES[key.category][1]
-    prediction = MOTIONS[key.motion][0]
-    where = f"{key.lane}, {'near' if key.near else 'far'}"
-    name = key.category
-    skills = {"perception": perception, "prediction": "general", "planning": "general"}
-    if kind == "region":
-        question, answer, task = "What is the object inside the red rectangle?", name, "region_perception"
-    elif kind == "identify":
-        question = f"What object is in the {key.lane} {'near the ego car' if key.near else 'ahead'}?"
-        answer, task = name, "perception"
-    elif kind == "motion":
-        question, answer, task = f"How will the {name} in the {key.lane} move?", key.motion, "prediction"
-        skills["prediction"] = prediction
-    elif kind == "enter_lane":
-        question = f"Will the {name} in the {key.lane} enter the ego lane?"
-        answer, task = ("yes" if will_enter_ego_lane(key) else "no"), "prediction"
-        skills["prediction"] = prediction
-    elif kind == "describe":  # what is seen, not what to do: a perception task
-        question, answer, task = "Describe the scene.", describe([key, *others]), "description"
+    if (kind == "locate" and not _unique(things, "category")) or (kind == "color_lane"
+                                                                  and not _unique(things, "lane")):
+        kind = "count"  # no object the question could name alone
+    skills = {"perception": CATEGORIES[key.category][1], "prediction": "general", "planning": "general"}
+    if kind in GENERAL_KINDS:  # what is seen, not what will happen or what to do: perception
+        question, answer, named, marked = _general_question(rng, kind, things)
+        skills["perception"] = CATEGORIES[named or key.category][1]
+        task = "description" if kind == "describe" else "general_vqa"
     else:
-        question, task = "What should the ego vehicle do?", "planning"
-        plan = plan_for(key)
-        answer = PLANS[plan]
-        skills.update(prediction=prediction, planning=plan)
-    meta = {"domain": "driving", "question_kind": kind, "category": name,
-            "coda_category": CATEGORIES[name][0], "lane": key.lane, "distance": where.split(", ")[1],
-            "motion": key.motion, "light": key.light}
-    if kind == "region":
-        meta["box"] = list(key.box())
+        question, answer, task = _benchmark_question(kind, key)
+        marked = key if kind == "region" else None
+        if task in ("prediction", "planning"):
+            skills["prediction"] = MOTIONS[key.motion][0]
+        if task == "planning":
+            skills["planning"] = plan_for(key)
+    meta = {"domain": "driving", "question_kind": kind, "category": key.category,
+            "coda_category": CATEGORIES[key.category][0], "lane": key.lane,
+            "distance": "near" if key.near else "far", "motion": key.motion, "light": key.light}
+    if marked is not None:
+        meta["box"] = list(marked.box())
     sample = Sample(id=sample_id, images=[image_path], question=question, answer=answer, task=task,
                     skills=skills, meta=meta)
-    return sample, render([key, *others], key if kind == "region" else None)
+    return sample, render(things, marked)

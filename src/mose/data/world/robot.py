@@ -2,6 +2,11 @@
 green target zone, asked as Robo2VLM-style multiple choice (4-way yes/no, 5-way
 otherwise, some answered by "None of the above") at the three levels of the
 `robot` taxonomy.
+
+The general kinds (`GENERAL_KINDS`: describe the scene, locate an object, say
+whether an object is there, count them) are off unless a weight switches them
+on: the generic visual question answering a general VLM knows before it meets
+this benchmark (no gripper, grasp or motion question among them).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ MOVES = {"move left": (-1, 0), "move right": (1, 0), "move forward": (0, -1),
          "move backward": (0, 1)}
 QUESTION_KINDS = ("gripper_open", "object_color", "closest", "task_success", "grasp_stable",
                   "graspable", "next_move", "place_move", "trajectory")
+# Drawn after the benchmark's kinds: at weight 0 the draw over those is what it was without them.
+GENERAL_KINDS = ("describe", "locate", "exists", "count")
+DEFAULT_WEIGHTS = dict.fromkeys(GENERAL_KINDS, 0.0)  # user weights are merged over these
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 # question kind → (task, {level: skill}) — the ground truth the rules must recover
 SKILLS = {
     "gripper_open": ("perception", {"perception": "gripper"}),
@@ -99,6 +108,17 @@ def _direction(dx: int, dy: int) -> str:
     return "move backward" if dy > 0 else "move forward"
 
 
+def quadrant(x: int, y: int) -> str:
+    return f"{'top' if y < IMAGE_SIZE / 2 else 'bottom'} {'left' if x < IMAGE_SIZE / 2 else 'right'}"
+
+
+def describe(scene: Scene) -> str:
+    """`a red cube at the top left, a blue ball at the bottom right; the target is at the top right.`"""
+    things = sorted(scene.things, key=lambda t: (t.y, t.x))  # top to bottom, then left to right
+    objects = ", ".join(f"a {t.name} at the {quadrant(t.x, t.y)}" for t in things)
+    return f"{objects}; the target is at the {quadrant(*scene.target)}."
+
+
 def render(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "#d9c7a3")  # table
     draw = ImageDraw.Draw(image)
@@ -167,10 +187,23 @@ def _ask(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, list[st
             [*MOVES, "stay still"])
 
 
-def make_sample(rng: random.Random, sample_id: str, image_path: str,
-                weights: Mapping[str, float]) -> tuple[Sample, Image.Image]:
-    scene = _scene(rng)
-    kind = weighted(rng, QUESTION_KINDS, weights)
+def _general(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, list[str] | None]:
+    """(question, answer, the options to choose from, or None for an open answer) of a general kind."""
+    if kind == "describe":
+        return "Describe the scene.", describe(scene), None
+    if kind == "locate":
+        thing = rng.choice(scene.things)
+        return f"Where is the {thing.name}?", quadrant(thing.x, thing.y), list(QUADRANTS)
+    if kind == "exists":
+        names = [t.name for t in scene.things]
+        absent = [f"{c} {s}" for s in SHAPES for c in COLORS if f"{c} {s}" not in names]
+        name = rng.choice(names if rng.random() < 0.5 else absent)
+        return f"Is there a {name} on the table?", "Yes" if name in names else "No", YES_NO
+    return "How many objects are on the table?", str(len(scene.things)), ["1", "2", "3", "4"]
+
+
+def _benchmark(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, list[str], int]:
+    """(question, answer, choices, correct) of a benchmark kind, as Robo2VLM asks it."""
     question, answer, distractors = _ask(rng, scene, kind)
     yes_no = distractors is YES_NO
     size = 4 if yes_no else 5
@@ -180,7 +213,20 @@ def make_sample(rng: random.Random, sample_id: str, image_path: str,
         answer = NONE
     choices, correct = multiple_choice(rng, answer, [*distractors, NONE] if not yes_no else distractors,
                                        size)
-    task, skills = SKILLS[kind]
+    return question, answer, choices, correct
+
+
+def make_sample(rng: random.Random, sample_id: str, image_path: str,
+                weights: Mapping[str, float]) -> tuple[Sample, Image.Image]:
+    scene = _scene(rng)
+    kind = weighted(rng, QUESTION_KINDS + GENERAL_KINDS, {**DEFAULT_WEIGHTS, **weights})
+    if kind in GENERAL_KINDS:
+        question, answer, options = _general(rng, scene, kind)
+        choices, correct = multiple_choice(rng, answer, options, len(options)) if options else (None, None)
+        task, skills = ("description" if kind == "describe" else "general_vqa"), {}
+    else:
+        question, answer, choices, correct = _benchmark(rng, scene, kind)
+        task, skills = SKILLS[kind]
     full_skills = {"perception": "general", "interpretation": "general", "planning": "general", **skills}
     meta = {"domain": "robot", "question_kind": kind, "gripper_open": scene.gripper_open,
             "objects": [t.name for t in scene.things]}
