@@ -8,7 +8,8 @@ step; `Collator` pads a list of encoded samples on either side.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -62,6 +63,14 @@ class SampleEncoder:
         self.max_length = max_length
         self.vision = hasattr(processor, "image_processor")
 
+    def settings(self) -> tuple:
+        """What an encoding depends on besides the sample (two encoders alike encode alike)."""
+        image = getattr(self.processor, "image_processor", None)
+        return (self.tokenizer.name_or_path, len(self.tokenizer), self.tokenizer.chat_template,
+                None if self.taxonomy is None else json.dumps(self.taxonomy.to_dict(), sort_keys=True),
+                self.max_length, None if image is None else json.dumps(image.to_dict(), sort_keys=True,
+                                                                       default=str))
+
     def __call__(self, sample: Sample, with_answer: bool = True) -> dict[str, torch.Tensor]:
         content: Any
         if self.vision:
@@ -107,13 +116,21 @@ class SampleEncoder:
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """Samples encoded once up front (with a progress bar), reused every epoch."""
+    """Samples encoded once up front (with a progress bar), reused every epoch.
+
+    `cache` (sample id → item, for this encoder and `with_answer`) lends items encoded
+    before and keeps the new ones, so runs over one file encode it once.
+    """
 
     def __init__(self, samples: Sequence[Sample], encoder: SampleEncoder, with_answer: bool = True,
-                 progress: bool = False) -> None:
+                 progress: bool = False, cache: MutableMapping[str, dict] | None = None) -> None:
         self.samples = list(samples)
-        self.items = [encoder(s, with_answer) for s in
-                      track(self.samples, description="tokenising", disable=not progress)]
+        if cache is None or len({s.id for s in self.samples}) < len(self.samples):
+            cache = {}  # ids must name one record each to be shared
+        missing = [s for s in self.samples if s.id not in cache]
+        for sample in track(missing, description="tokenising", disable=not progress or not missing):
+            cache[sample.id] = encoder(sample, with_answer)
+        self.items = [cache[s.id] for s in self.samples]
 
     def __len__(self) -> int:
         return len(self.items)

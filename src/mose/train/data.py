@@ -5,12 +5,14 @@ sees the same batches an uninterrupted one would have."""
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from mose.data import Sample, read_jsonl
+from mose.data.collate import SampleEncoder
 
 
 class RecordCache:
@@ -26,6 +28,32 @@ class RecordCache:
                 raise FileNotFoundError(f"{path}: no such data file")
             self._records[key] = list(read_jsonl(key))
         return self._records[key]
+
+
+class EncodingCache:
+    """Encoded samples kept across the stages and runs of one process (a study or the demo
+    trains many runs on one file), per file, encoder settings and answer/prompt-only.
+
+    Only the `keep` most recently used sets stay: items hold their images' pixels.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._sets: OrderedDict[tuple, dict[str, dict]] = OrderedDict()
+
+    def __call__(self, source: str | Path, encoder: SampleEncoder, with_answer: bool) -> dict[str, dict]:
+        """The set (sample id → item) for records of `source` encoded this way."""
+        path = Path(source).resolve()
+        key = (str(path), path.stat().st_mtime_ns, encoder.settings(), with_answer)
+        if key not in self._sets:
+            self._sets[key] = {}
+            while len(self._sets) > self.keep:
+                self._sets.popitem(last=False)
+        self._sets.move_to_end(key)
+        return self._sets[key]
+
+
+ENCODINGS = EncodingCache()
 
 
 def subset(samples: Sequence[Sample], size: int, seed: int) -> list[Sample]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,9 +160,9 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, merge `base:`, apply `key=value` overrides, and validate."""
     path = Path(path)
-    data = _read_with_base(path, seen=())
+    data = read_with_base(path, seen=())
     for item in overrides:
-        _apply_override(data, item, path)
+        apply_override(data, item, path)
     return recipe_from_dict(data, source=str(path))
 
 
@@ -175,8 +175,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: key 'stages' must be a non-empty mapping of stage name → options")
     data["stages"] = {name: _stage(name, options, source) for name, options in stages.items()
                       if options is not None}  # a stage set to null is dropped
-    data["data"] = _build(DataOptions, data.get("data") or {}, source, "data")
-    return _build(Recipe, {**data, "source": source}, source, "")
+    data["data"] = data.get("data") or {}
+    return build_options(Recipe, {**data, "source": source}, source, "")
 
 
 def _stage(name: str, options: Any, source: str) -> StageOptions:
@@ -185,7 +185,7 @@ def _stage(name: str, options: Any, source: str) -> StageOptions:
     if kind not in STAGE_CLASSES:
         raise RecipeError(f"{source}: stages.{name}.stage is {kind!r}; "
                           f"choose one of {', '.join(STAGE_KINDS)}")
-    stage = _build(STAGE_CLASSES[kind], options, source, f"stages.{name}")
+    stage = build_options(STAGE_CLASSES[kind], options, source, f"stages.{name}")
     if isinstance(stage, ConvertStage):
         if (stage.mose is None) == (stage.token_moe is None):
             raise RecipeError(f"{source}: stages.{name} needs exactly one of 'mose' or 'token_moe'")
@@ -196,10 +196,14 @@ def _stage(name: str, options: Any, source: str) -> StageOptions:
     return stage
 
 
-def _build(cls: type, data: Any, source: str, where: str):
-    """A dataclass from a mapping, every key and type checked, naming the key on error."""
+def build_options(cls: type, data: Any, source: str, where: str):
+    """A dataclass from a mapping, every key and type checked, naming the key on error.
+
+    Fields typed as another dataclass are built from their own mapping the same way.
+    """
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: {where or 'recipe'} must be a mapping, got {data!r}")
+    data = dict(data)
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -211,7 +215,7 @@ def _build(cls: type, data: Any, source: str, where: str):
             if f.default is MISSING and f.default_factory is MISSING:
                 raise RecipeError(f"{source}: missing required key {_key(where, name)}")
             continue
-        data[name] = _check_type(data[name], hints[name], source, _key(where, name))
+        data[name] = _check_type(data[name], hints[name], source, f"{where}.{name}" if where else name)
     try:
         return cls(**data)
     except RecipeError as error:  # a value out of range: name the file and the full key
@@ -219,21 +223,26 @@ def _build(cls: type, data: Any, source: str, where: str):
 
 
 def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:
-    """The value, if it fits the annotation (ints are accepted as floats)."""
+    """The value, if it fits the annotation (ints are accepted as floats); `key` is its dotted path."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):
-            raise RecipeError(f"{source}: {key} is {value!r}; choose one of "
+            raise RecipeError(f"{source}: '{key}' is {value!r}; choose one of "
                               f"{', '.join(map(str, typing.get_args(hint)))}")
         return value
     if origin in (typing.Union, types.UnionType):
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        if value is not None and len(options) == 1:  # X | None: X's own, more precise, error
+            return _check_type(value, options[0], source, key)
         for option in typing.get_args(hint):
             try:
                 return _check_type(value, option, source, key)
             except RecipeError:
                 continue
-        raise RecipeError(f"{source}: {key} is {value!r}, of the wrong type (expected {_name(hint)})")
+        raise RecipeError(f"{source}: '{key}' is {value!r}, of the wrong type (expected {_name(hint)})")
     expected = origin or hint
+    if is_dataclass(expected):
+        return build_options(expected, value, source, key)
     if expected is type(None):
         ok = value is None
     elif expected is float:
@@ -242,12 +251,14 @@ def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:
         value = float(value) if ok else value
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected is list:
-        ok = isinstance(value, list) and all(isinstance(v, int) for v in value)
+    elif expected is list:  # list[T], checked item by item
+        (item,) = typing.get_args(hint) or (int,)
+        ok = isinstance(value, list)
+        value = [_check_type(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)] if ok else value
     else:
         ok = isinstance(value, expected)
     if not ok:
-        raise RecipeError(f"{source}: {key} is {value!r}, of the wrong type (expected {_name(hint)})")
+        raise RecipeError(f"{source}: '{key}' is {value!r}, of the wrong type (expected {_name(hint)})")
     return value
 
 
@@ -259,7 +270,8 @@ def _key(where: str, name: str) -> str:
     return f"'{where}.{name}'" if where else f"'{name}'"
 
 
-def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping with its `base:` file (relative to it) merged under it, recursively."""
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     if path.resolve() in seen:
@@ -273,7 +285,7 @@ def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(_read_with_base(path.parent / base, seen + (path.resolve(),)), data)
+    return _merge(read_with_base(path.parent / base, seen + (path.resolve(),)), data)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +299,8 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _apply_override(data: dict[str, Any], item: str, path: Path) -> None:
+def apply_override(data: dict[str, Any], item: str, path: Path) -> None:
+    """Set a dotted `key=value` in place, the value read as YAML."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise RecipeError(f"override {item!r}: expected KEY=VALUE (e.g. stages.sft.lr=1e-4)")

@@ -29,7 +29,7 @@ from mose.data.collate import Collator, EncodedDataset, SampleEncoder
 from mose.models.loading import is_converted, load_model, model_type_of
 from mose.skills.taxonomy import Taxonomy
 from mose.train.checkpoint import RECIPE_FILE, is_complete, save_model
-from mose.train.data import RecordCache, fraction_of, labelled_split
+from mose.train.data import ENCODINGS, RecordCache, fraction_of, labelled_split
 from mose.train.loop import LoopContext, train_stage
 from mose.train.recipe import BackboneStage, ConvertStage, Recipe, RecipeError, RouterStage, SFTStage
 from mose.train.stages import backbone_plan, router_plan, sft_plan
@@ -146,8 +146,9 @@ def _run_training(model, processor, recipe: Recipe, name: str, stage, data: Stag
     encoder = SampleEncoder(processor, taxonomy, recipe.data.max_length, source=data.source)
     collator = Collator(getattr(processor, "tokenizer", processor).pad_token_id, padding_side="right")
     show = progress and accelerator.is_main_process
-    dataset = EncodedDataset(data.train, encoder, with_answer=not isinstance(stage, RouterStage),
-                             progress=show)
+    with_answer = not isinstance(stage, RouterStage)
+    dataset = EncodedDataset(data.train, encoder, with_answer, progress=show,
+                             cache=ENCODINGS(data.source, encoder, with_answer))
     if isinstance(stage, BackboneStage):
         plan = backbone_plan(name, model, stage, dataset)
     elif isinstance(stage, SFTStage):
