@@ -47,13 +47,16 @@ def world_generate(
     split: str = typer.Option("train", help="salts the seeds: train and test never share a scene"),
     weight: list[str] = typer.Option([], help="KEY=W relative frequency of a question kind or "
                                      "object category (repeatable); e.g. cyclist=0.05 makes it rare"),
+    general: bool = typer.Option(False, help="the general kinds only (describe, locate, count, ...): "
+                                 "data to pretrain a general model on, no benchmark question"),
 ) -> None:
     """Generate image + question + answer samples with ground-truth skills."""
     from mose.data import read_jsonl
-    from mose.data.world import generate, summary
+    from mose.data.world import general_weights, generate, summary
 
     try:
-        path = generate(domain, n, seed, out, split, parse_weights(weight), progress=True)
+        weights = {**(general_weights(domain) if general else {}), **parse_weights(weight)}
+        path = generate(domain, n, seed, out, split, weights, progress=True)
     except ValueError as error:
         fail(error)
     counts = summary(list(read_jsonl(path)))
@@ -328,6 +331,36 @@ def demo(
         fail(error)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: finished stages are kept; rerun to continue")
+        raise typer.Exit(130) from None
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def study(
+    ctx: typer.Context,
+    config: list[Path] = typer.Option(..., "--config", help="study YAML (see configs/study/); "
+                                      "repeatable, and a shell glob's further files are taken too"),
+) -> None:
+    """Run the paper's experiments as studies: methods over seeds, mean ± spread, a report each.
+
+    KEY=VALUE arguments override every study given, e.g. seeds=[0] or output_dir=runs/try.
+    Examples: mose study --config configs/study/*.yaml
+              mose study --config configs/study/driving.yaml seeds=[0,1] experiments.data_size=null
+    Reruns reuse data, the pretrained model and finished runs.
+    """
+    from mose.data import DataError
+    from mose.study import load_study, run_study
+    from mose.train import RecipeError
+
+    overrides = [a for a in ctx.args if "=" in a]
+    paths = [*config, *(Path(a) for a in ctx.args if "=" not in a)]  # `--config a.yaml b.yaml` (a glob)
+    try:
+        studies = [load_study(path, overrides) for path in paths]  # every config checked before any work
+        for loaded in studies:
+            run_study(loaded)
+    except (RecipeError, DataError, ValueError, FileNotFoundError) as error:
+        fail(error)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: finished runs are kept; rerun to continue")
         raise typer.Exit(130) from None
 
 

@@ -29,12 +29,15 @@ def test_quick_demo_writes_results_and_report(tmp_path):
             assert 0 <= row[key] <= 100
         assert 0 < row["trainable_params"] and 0 < row["active_params"] and row["tokens_per_s"] > 0
     rows = results["methods"]
-    # MoSE adds a skill expert beside the shared one per MoSE layer; top-1 token MoE routes one copy.
-    active = [rows[m]["active_params"] for m in METHODS]
-    assert active[0] > active[1] > active[2]
+    # MoSE and the token MoE each send a token through a shared and one routed expert per MoE layer
+    # (their routers differ in size); dense SFT has one FFN there.
+    mose, moe, dense = (rows[m]["active_params"] for m in METHODS)
+    assert abs(mose - moe) < 0.01 * moe and moe > dense
     assert rows["dense_sft"]["trainable_params"] < rows["moe_4x1"]["trainable_params"]
+    # The study's tables and runs are in the same file.
+    assert "MoSE" in results["tables"]["main comparison"] and len(results["runs"]) == 3
     page = (out / "report.html").read_text()
-    assert "MoSE" in page and "dense SFT" in page and "<table" in page and "trainable_params" in page
+    assert "MoSE" in page and "dense SFT" in page and "<table" in page and "trainable" in page
     assert "test split" in result.stdout and "skill chain" in result.stdout
 
     # A rerun reuses every finished stage and prediction.

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
+
+from mose.study import StudyConfig, study_from_dict
+
+METHODS = ("mose", "moe_4x1", "dense_sft")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    pretrain_samples: int  # "Describe the scene." records of the pretraining stage
+    pretrain_samples: int  # general questions about driving scenes (the world's `--general` kinds)
     pretrain_steps: int
     train_samples: int  # question-answer records every method fine-tunes on
     labelled: int  # of those, rule-annotated for the router stage (the paper: about 2,000)
@@ -25,10 +30,30 @@ class DemoSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def study(self, out: Path) -> StudyConfig:
+        """The demo as a study: one seed, MoSE against its two baselines, on the driving world."""
+        batch = {"batch_size": self.batch_size}
+        return study_from_dict({
+            "name": "mose demo: MoSE vs token MoE vs dense SFT", "output_dir": str(out),
+            "model": "tiny:qwen2_vl",
+            "world": {"domain": "driving", "pretrain_samples": self.pretrain_samples,
+                      "train_samples": self.train_samples, "test_samples": self.test_samples,
+                      "seed": self.seed},
+            "pretrain": {"max_steps": self.pretrain_steps, "lr": self.pretrain_lr, "save_every": 50,
+                         **batch},
+            "finetune": {"max_steps": self.steps, "lr": self.lr, "save_every": 50, **batch},
+            "router": {"labelled": self.labelled, "max_steps": self.router_steps, "lr": self.router_lr,
+                       **batch},
+            "generation": {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size},
+            "seeds": [self.seed],
+            "experiments": {"main": {"methods": list(METHODS)},
+                            "diversity": {"methods": ["mose", "moe_4x1"]}},
+        }, source="mose demo")
 
-# Calibrated on a 2-core CPU (about 8 minutes; README, "The demo", lists the runs). The lr was
-# chosen on dense SFT and is shared by every method.
-DEFAULT = DemoSettings(pretrain_samples=6000, pretrain_steps=1200, train_samples=6000, labelled=1000,
+
+# Calibrated on a 2-core CPU (README, "The demo", lists the runs). The lr was chosen on dense SFT
+# and is shared by every method.
+DEFAULT = DemoSettings(pretrain_samples=6000, pretrain_steps=1000, train_samples=6000, labelled=1000,
                        test_samples=400, steps=800, router_steps=100)
 # --quick checks the pipeline; its scores mean little.
 QUICK = replace(DEFAULT, pretrain_samples=400, pretrain_steps=100, train_samples=400, labelled=160,

@@ -442,11 +442,15 @@ figure img{max-width:100%;height:auto;display:block}
 
 def render_report(*, title: str = "mose analysis", models: Sequence[ModelAnalysis] = (),
                   scores: Mapping[str, Mapping[str, Any]] | None = None,
-                  samples: Sequence[SampleView] = (), sources: Mapping[str, str] | None = None) -> str:
+                  samples: Sequence[SampleView] = (), sources: Mapping[str, str] | None = None,
+                  figures: Mapping[str, bytes] | None = None) -> str:
     """The report as one HTML string (what `write_report` writes)."""
     sections = []
     if scores:
         sections.append(("scores", "Scores", scores_html(scores)))
+    if figures:
+        body = "".join(f"<h3>{esc(name)}</h3>{figure_html(png, name)}" for name, png in figures.items())
+        sections.append(("figures", "Figures", _section("figures", "Figures", body)))
     if models:
         sections.append(("experts", "Expert diversity", similarity_html(models)))
     if any(m.routing is not None for m in models):
@@ -463,7 +467,8 @@ def render_report(*, title: str = "mose analysis", models: Sequence[ModelAnalysi
 
 def write_report(out_dir: str | Path, *, title: str = "mose analysis", models: Sequence[ModelAnalysis] = (),
                  scores: Mapping[str, Mapping[str, Any]] | None = None, samples: Sequence[SampleView] = (),
-                 sources: Mapping[str, str] | None = None) -> Path:
+                 sources: Mapping[str, str] | None = None,
+                 figures: Mapping[str, bytes] | None = None) -> Path:
     """Write OUT/report.html and OUT/analysis.json (each atomically); return the report's path.
 
     Args:
@@ -473,11 +478,13 @@ def write_report(out_dir: str | Path, *, title: str = "mose analysis", models: S
             for a comparison of methods).
         samples: `SampleView`s (`mose.eval.analysis.sample_views`).
         sources: what was analysed (model paths, data, predictions), shown at the top.
+        figures: title → PNG (`figure_png`), shown after the scores.
     """
     out_dir = Path(out_dir)
     numbers = {"title": title, "sources": dict(sources or {}), "models": [m.to_dict() for m in models],
                "scores": dict(scores or {}), "samples": [s.to_dict() for s in samples]}
-    page = render_report(title=title, models=models, scores=scores, samples=samples, sources=sources)
+    page = render_report(title=title, models=models, scores=scores, samples=samples, sources=sources,
+                         figures=figures)
     with atomic_path(out_dir / JSON_FILE) as temp:
         temp.write_text(json.dumps(numbers, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     report = out_dir / REPORT_FILE

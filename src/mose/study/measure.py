@@ -1,4 +1,4 @@
-"""What the methods table counts: parameters (trainable, active per token) and test-time speed."""
+"""What a methods table counts: scores, parameters (trainable, active per token), answer tokens/s."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from mose.config import resolve_layers
 from mose.data import Sample
 from mose.eval.predict import predict
 from mose.eval.predictions import read_predictions
-from mose.eval.score import score
+from mose.eval.score import score, write_scores
 from mose.layers.blocks import expert_blocks
 
 
@@ -22,7 +22,7 @@ def _count(modules: list[nn.Module]) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def trainable_params(model: nn.Module, method: str) -> int:
+def trainable_params(model: nn.Module) -> int:
     """What the method's fine-tuning trains: the MoSE / token-MoE blocks, or the even layers' FFNs.
 
     MoSE's routers are counted once: the router stage and the SFT stage train the same routers.
@@ -60,8 +60,9 @@ class Evaluation:
 
 
 def evaluate(model: Any, processor: Any, test: list[Sample], test_path: Path, out_dir: Path,
-             max_new_tokens: int, batch_size: int = 16) -> Evaluation:
-    """Answer the test split (reusing finished predictions) and score it.
+             max_new_tokens: int, batch_size: int = 16, bench: str = "world",
+             judge: dict[str, Any] | None = None) -> Evaluation:
+    """Answer the test split (reusing finished predictions) and score it with `bench`'s scorer.
 
     The timing of the run that generated the predictions is kept beside them,
     so a rerun that reuses them reports the same speed.
@@ -74,8 +75,8 @@ def evaluate(model: Any, processor: Any, test: list[Sample], test_path: Path, ou
         tokens = answer_tokens(processor, read_predictions(predictions).values())
         timing.write_text(json.dumps({"answer_tokens": tokens, "seconds": report.seconds}) + "\n")
     times = json.loads(timing.read_text())
-    scores = score("world", predictions, test_path)
-    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    scores = score(bench, predictions, test_path, **(judge or {}))
+    write_scores(out_dir / "scores.json", scores)
     return Evaluation(scores, times["answer_tokens"], times["seconds"])
 
 

@@ -1,0 +1,191 @@
+"""Study configs: which benchmark, which methods, which budget, which seeds and experiments.
+
+A study is YAML (`base:` inheritance and `key=value` overrides as for recipes):
+
+    name: driving world
+    output_dir: runs/study/driving
+    world: {domain: driving, pretrain_samples: 6000, train_samples: 6000, test_samples: 400}
+    model: tiny:qwen2_vl            # a tiny model is first pretrained on the world's general kinds
+    pretrain: {max_steps: 1200, lr: 2.0e-3, batch_size: 16}
+    finetune: {epochs: 2, lr: 1.0e-3, batch_size: 16}        # the same for every method
+    router: {labelled: 1000, max_steps: 100, lr: 1.0e-2, batch_size: 16}
+    seeds: [0, 1, 2]
+    experiments:
+      main: {methods: [dense_sft, moe_4x1, moe_8x1, mose, mose_groups]}
+      data_size: {methods: [moe_4x1, mose], fractions: [0.25, 0.5, 1.0]}
+      skill_data: {methods: [mose], labelled: [500, 1000, 2000]}
+      diversity: {methods: [moe_4x1, mose]}
+
+Instead of `world`, `data: {train, test, labelled}` names a benchmark's converted
+files (`mose data convert`) and `score` its scorer; `model` is then a real
+checkpoint, which is fine-tuned as it is (no pretraining).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mose.eval.score import BENCHES, JUDGE_OPTIONS
+from mose.study.methods import METHODS
+from mose.train.recipe import RecipeError, apply_override, build_options, read_with_base
+
+
+class StudyError(RecipeError):
+    """A study config that cannot run: names the file and the key."""
+
+
+@dataclass
+class WorldOptions:
+    """The procedural world, generated in three disjoint splits."""
+
+    domain: Literal["driving", "robot"]
+    pretrain_samples: int = 6000  # general questions (`--general`) for the tiny model's pretraining
+    train_samples: int = 6000  # benchmark questions every method fine-tunes on
+    test_samples: int = 400
+    seed: int = 0  # the data's seed (the runs' seeds are `seeds`)
+
+
+@dataclass
+class DataFiles:
+    """A benchmark's records (`mose data convert`) instead of a generated world."""
+
+    train: str
+    test: str
+    labelled: str | None = None  # skill-labelled records for the routers (default: shipped rules on train)
+
+
+@dataclass
+class MethodsExperiment:
+    methods: list[str]
+
+
+@dataclass
+class DataSizeExperiment:
+    """The paper's Fig. 7: accuracy against the fraction of answer data fine-tuned on."""
+
+    methods: list[str]
+    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+
+
+@dataclass
+class SkillDataExperiment:
+    """The paper's Table 3: skill-labelled samples the routers learn from."""
+
+    labelled: list[int]
+    methods: list[str] = field(default_factory=lambda: ["mose"])
+
+
+@dataclass
+class Experiments:
+    main: MethodsExperiment | None = None  # the paper's Tables 1 and 2
+    data_size: DataSizeExperiment | None = None
+    skill_data: SkillDataExperiment | None = None
+    diversity: MethodsExperiment | None = None  # the paper's Fig. 8: expert similarity
+
+
+@dataclass
+class Generation:
+    max_new_tokens: int = 16
+    batch_size: int = 32
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    output_dir: str
+    experiments: Experiments
+    model: str = "tiny:qwen2_vl"
+    world: WorldOptions | None = None
+    data: DataFiles | None = None
+    score: str = "world"  # the scorer (`mose score`): world, robo2vlm, drivelm, coda-lm
+    judge: dict = field(default_factory=dict)  # coda-lm's judge options (judge_model, judge_base_url, ...)
+    taxonomy: str | None = None  # MoSE's skills; default: the world's domain
+    pretrain: dict | None = None  # backbone-stage options of the tiny model's pretraining
+    finetune: dict = field(default_factory=dict)  # training options every method's fine-tuning shares
+    router: dict = field(default_factory=dict)  # router-stage options (MoSE)
+    recipe: dict = field(default_factory=dict)  # recipe keys of every run: mixed_precision, data…
+    generation: Generation = field(default_factory=Generation)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    source: str = "<study>"
+
+    def __post_init__(self) -> None:
+        if (self.world is None) == (self.data is None):
+            raise StudyError("give exactly one of 'world' (the procedural world) or 'data' "
+                             "(a benchmark's train/test files)")
+        if self.score not in BENCHES:
+            raise StudyError(f"'score' is {self.score!r}; choose one of {', '.join(BENCHES)}")
+        self._check_judge()
+        if self.taxonomy is None and self.world is not None:
+            self.taxonomy = self.world.domain
+        if self.is_tiny and self.pretrain is None:
+            raise StudyError("a tiny model starts from random weights: give 'pretrain' options")
+        shared = set(self.recipe) - {"mixed_precision", "dtype", "data"}
+        if shared:  # the study sets the rest (model, output_dir, seed, stages) per run
+            raise StudyError(f"recipe.{sorted(shared)[0]} cannot be shared by every run; "
+                             "recipe takes mixed_precision, dtype and data")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise StudyError("'seeds' must be a non-empty list of distinct seeds")
+        for name, experiment in asdict(self.experiments).items():
+            for method in (experiment or {}).get("methods", []):
+                if method not in METHODS:
+                    raise StudyError(f"experiments.{name}.methods names {method!r}; "
+                                     f"choose from {', '.join(METHODS)}")
+        if not any(asdict(self.experiments).values()):
+            raise StudyError("'experiments' names none of main, data_size, skill_data, diversity")
+        if self.uses_mose and self.taxonomy is None:
+            raise StudyError("MoSE methods need 'taxonomy' (driving, robot or a YAML file)")
+
+    def _check_judge(self) -> None:
+        """CODA-LM's judge, from `judge` or, as `mose score` reads it, the environment."""
+        unknown = set(self.judge) - set(JUDGE_OPTIONS)
+        if unknown:
+            raise StudyError(f"unknown judge option(s) {sorted(unknown)}; known: {', '.join(JUDGE_OPTIONS)}")
+        if self.score != "coda-lm":
+            return
+        env = {"judge_model": os.environ.get("MOSE_JUDGE_MODEL"),
+               "judge_base_url": os.environ.get("MOSE_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")}
+        self.judge = {**self.judge, **{k: v for k, v in env.items() if self.judge.get(k) is None and v}}
+        missing = [k for k in env if not self.judge.get(k)]
+        if missing:
+            raise StudyError(f"coda-lm is scored by an LLM judge: set judge.{missing[0]} (or "
+                             "MOSE_JUDGE_MODEL / MOSE_JUDGE_BASE_URL or OPENAI_BASE_URL) before any training")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model.startswith("tiny:")
+
+    @property
+    def uses_mose(self) -> bool:
+        return any(METHODS[m].mose for e in asdict(self.experiments).values() if e
+                   for m in e.get("methods", []))
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("source")
+        return data
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+    """Read a study (with its `base:`), apply `key=value` overrides, and validate."""
+    path = Path(path)
+    try:
+        data = read_with_base(path)
+        for item in overrides:
+            apply_override(data, item, path)
+    except RecipeError as error:
+        raise StudyError(str(error).replace("recipe", "study")) from None
+    return study_from_dict(data, source=str(path))
+
+
+def study_from_dict(data: dict[str, Any], source: str = "<study>") -> StudyConfig:
+    try:
+        return build_options(StudyConfig, {**data, "source": source}, source, "")
+    except RecipeError as error:  # the messages name the file and the key already
+        raise StudyError(str(error)) from None

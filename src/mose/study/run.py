@@ -1,0 +1,216 @@
+"""`mose study`: data, the general model, every run, then the tables, the figure and the report.
+
+Everything is reused when present (data files, the pretrained model, finished
+runs, their predictions), so an interrupted study continues where it stopped
+and adding a seed or a method to a config runs only what is new. A folder is
+reused only for the settings it was made with: the data, the pretraining and
+each run's recipe are checked against what the config now says.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from mose.data import read_jsonl
+from mose.data.schema import atomic_path
+from mose.eval.analysis import ModelAnalysis, analyze_model, sample_views
+from mose.eval.predictions import read_predictions
+from mose.eval.report import write_report
+from mose.models.loading import load_model
+from mose.study import summary
+from mose.study.config import StudyConfig, StudyError
+from mose.study.data import Annotation, StudyData, annotate_subset, make_world
+from mose.study.methods import FINAL_STAGE, METHODS
+from mose.study.runs import RunSpec, execute, load_result, plan_runs, run_dir, run_recipe, run_settings
+from mose.train import train
+from mose.train.recipe import recipe_from_dict
+
+console = Console()
+SETTINGS_FILE = "study.json"  # what the folder's data and general model were made with
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class StudyResults:
+    config: StudyConfig
+    data: StudyData
+    annotation: Annotation | None
+    runs: dict[RunSpec, dict[str, Any]]
+    tables: dict[str, dict[str, dict[str, Any]]]  # table name → row → column → cell
+    report: Path
+
+
+@contextmanager
+def step(title: str) -> Iterator[dict[str, str]]:
+    """A header, then one summary line (what the body put in `done["line"]`) with the time it took."""
+    console.rule(f"[bold]{title}")
+    done = {"line": ""}
+    begin = time.perf_counter()
+    yield done
+    console.print(f"[green]✓[/green] {done['line']} [dim]({time.perf_counter() - begin:.0f} s)[/dim]")
+
+
+def run_study(config: StudyConfig) -> StudyResults:
+    """Run what is missing of a study and write OUT/results.json and OUT/report.html."""
+    out = config.out
+    _claim(config)
+    specs = plan_runs(config)
+    with step(f"{config.name}: data") as done:
+        data, annotation = prepare_data(config, specs)
+        done["line"] = _data_line(config, data, annotation)
+    start = config.model
+    if config.is_tiny:
+        with step(f"{config.name}: pretraining a general model") as done:
+            start, metrics = pretrain(config, data)
+            done["line"] = f"{config.model} on {data.pretrain} → {start}{_loss(metrics)}"
+    recipes = {spec: run_recipe(config, spec, data, start) for spec in specs}  # every recipe checked first
+    runs = {}
+    for i, spec in enumerate(specs, 1):
+        with step(f"{config.name}: run {i}/{len(specs)} · {spec.name}") as done:
+            reused = _reuse(config, spec, recipes[spec])
+            runs[spec] = reused or execute(config, spec, recipes[spec], data)
+            done["line"] = _run_line(config, spec, runs[spec]) + (" (reused)" if reused else "")
+    tables = _tables(config, runs)
+    with step(f"{config.name}: report") as done:
+        report = _report(config, data, runs, tables)
+        results = {"name": config.name, "config": config.to_dict(), "tables": tables,
+                   "runs": [runs[s] for s in specs]}
+        with atomic_path(out / RESULTS_FILE) as temp:
+            temp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        done["line"] = f"wrote {out / RESULTS_FILE} and {report}"
+    return StudyResults(config, data, annotation, runs, tables, report)
+
+
+def prepare_data(config: StudyConfig, specs: list[RunSpec]) -> tuple[StudyData, Annotation | None]:
+    """The world's splits (generated) or the given files, and skill labels when MoSE needs them."""
+    folder = config.out / "data"
+    if config.world is not None:
+        w = config.world
+        data = make_world(folder, w.domain, w.pretrain_samples, w.train_samples, w.test_samples, w.seed)
+    else:
+        data = StudyData(train=Path(config.data.train), test=Path(config.data.test),
+                         labelled=Path(config.data.labelled) if config.data.labelled else None)
+        for path in (data.train, data.test, data.labelled):
+            if path is not None and not path.is_file():
+                raise StudyError(f"{config.source}: no such data file {path}")
+    if data.labelled is not None or not any(METHODS[s.method].mose for s in specs):
+        return data, None
+    sizes = [s.labelled for s in specs if METHODS[s.method].mose]
+    size = None if None in sizes else max(sizes)  # the largest set; each run takes its seeded subset
+    labelled = folder / "labelled.jsonl"
+    seed = config.world.seed if config.world is not None else 0
+    annotation = annotate_subset(data.train, labelled, size, seed)
+    return StudyData(data.train, data.test, data.pretrain, labelled), annotation
+
+
+def pretrain(config: StudyConfig, data: StudyData) -> tuple[str, dict[str, Any]]:
+    """The tiny model's general pretraining (every weight, the world's general kinds only)."""
+    output = config.out / "pretrain"
+    recipe = recipe_from_dict(
+        {**config.recipe, "model": config.model, "output_dir": str(output), "seed": config.world.seed,
+         "data": {**config.recipe.get("data", {}), "train": str(data.pretrain)},
+         "stages": {"pretrain": {"stage": "backbone", "trainable": "all", **config.pretrain}}},
+        source=f"{config.source}: pretrain")
+    metrics = train(recipe, resume=True)["pretrain"]
+    return str(output / "pretrain"), metrics
+
+
+def _claim(config: StudyConfig) -> None:
+    """Reuse a folder only for the same data and general model; runs are checked one by one."""
+    path = config.out / SETTINGS_FILE
+    keys = ("model", "world", "data", "pretrain", "taxonomy")
+    settings = {k: config.to_dict()[k] for k in keys}
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        raise StudyError(f"{config.out} holds a study made with other data or another general model "
+                         f"({path}: {', '.join(keys)}); choose another output_dir or delete that folder")
+    config.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _reuse(config: StudyConfig, spec: RunSpec, recipe: Any) -> dict[str, Any] | None:
+    """A finished run's result, if it ran with this recipe (else a clear error, never a silent rerun)."""
+    result = load_result(config, spec)
+    if result is None:
+        return None
+    if result.get("settings") != run_settings(config, recipe):
+        raise StudyError(f"{run_dir(config, spec)} was run with other settings than {config.source} now "
+                         "gives (finetune, router, recipe or generation options): choose another "
+                         "output_dir or delete that run's folder")
+    return result
+
+
+def _tables(config: StudyConfig, runs: dict[RunSpec, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    e = config.experiments
+    builders = [("main comparison", e.main, summary.main_table),
+                ("training-data size", e.data_size, summary.data_size_table),
+                ("skill-data size", e.skill_data, summary.skill_data_table),
+                ("expert diversity", e.diversity, summary.diversity_table)]
+    return {name: build(config, runs) for name, experiment, build in builders if experiment}
+
+
+def _report(config: StudyConfig, data: StudyData, runs: dict[RunSpec, dict[str, Any]],
+            tables: dict[str, dict[str, dict[str, Any]]]) -> Path:
+    """Tables, the data-size figure, expert similarity (first seed) and sample answers of one MoSE run."""
+    figures = {}
+    if config.experiments.data_size:
+        figures["training-data size"] = summary.data_size_figure(config, runs)
+    test = list(read_jsonl(data.test))
+    analyses: list[ModelAnalysis] = []
+    for method in config.experiments.diversity.methods if config.experiments.diversity else []:
+        spec = _first_seed_run(config, runs, method)
+        model, processor = load_model(str(run_dir(config, spec) / FINAL_STAGE))
+        analyses.append(analyze_model(model, processor, test, name=METHODS[method].label,
+                                      batch_size=config.generation.batch_size, source=str(data.test)))
+    shown = _sample_run(config, runs)
+    predictions = read_predictions(run_dir(config, shown) / "eval" / "predictions.jsonl")
+    caption = f"{config.name} ({len(config.seeds)} seed(s): mean ± sd)"
+    return write_report(config.out, title=config.name, models=analyses,
+                        scores={f"{name} · {caption}": {"methods": rows} for name, rows in tables.items()},
+                        samples=sample_views(test, predictions, limit=6), figures=figures,
+                        sources={"config": config.source, "train": str(data.train), "test": str(data.test),
+                                 "runs": str(config.out / "runs"),
+                                 "sample answers": f"{METHODS[shown.method].label} ({shown.name})"})
+
+
+def _first_seed_run(config: StudyConfig, runs: dict[RunSpec, dict[str, Any]], method: str) -> RunSpec:
+    """The method's run on all the data with the default labelled set, at the first seed."""
+    labelled = config.router.get("labelled") if METHODS[method].mose else None
+    return next(s for s in sorted(runs) if s.method == method and s.seed == config.seeds[0]
+                and s.fraction == 1.0 and s.labelled == labelled)
+
+
+def _sample_run(config: StudyConfig, runs: dict[RunSpec, dict[str, Any]]) -> RunSpec:
+    """Whose answers the report shows: a MoSE method's main run if there is one (skill chains)."""
+    main = config.experiments.main.methods if config.experiments.main else []
+    method = next((m for m in main if METHODS[m].mose), None)
+    return _first_seed_run(config, runs, method) if method else sorted(runs)[0]
+
+
+def _data_line(config: StudyConfig, data: StudyData, annotation: Annotation | None) -> str:
+    line = f"train {data.train}, test {data.test}"
+    if annotation is not None:
+        agreement = ("" if annotation.agreement is None else
+                     f"; they agree with the records' own skills on {annotation.agreement:.1%} of levels")
+        line += f"; rules {annotation.rules!r} labelled {annotation.samples} training records{agreement}"
+    return line
+
+
+def _run_line(config: StudyConfig, spec: RunSpec, result: dict[str, Any]) -> str:
+    numbers = summary.headline(config.score, result["scores"])
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in numbers.items())
+    return f"{METHODS[spec.method].label}: {shown}; {result['tokens_per_s']:.0f} answer tokens/s"
+
+
+def _loss(metrics: dict[str, Any]) -> str:
+    loss = metrics.get("loss")
+    if metrics.get("skipped"):
+        return " (reused)"
+    return f", final loss {loss:.3f}" if isinstance(loss, float) else ""

@@ -1,0 +1,114 @@
+"""The runs a study needs, and one run: fine-tune a method, answer the test split, measure.
+
+Experiments share runs: the main comparison's MoSE at the full data and the
+default labelled set is also the data-size curve's last point and one row of
+the skill-data table, so it trains once. A run that finished left
+`result.json` in its folder (written last, atomically) and is not run again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mose.data import read_jsonl
+from mose.data.schema import atomic_path
+from mose.eval.analysis import expert_similarity
+from mose.layers.blocks import expert_blocks
+from mose.models.loading import load_model
+from mose.study.config import StudyConfig
+from mose.study.data import StudyData
+from mose.study.measure import active_params, evaluate, trainable_params
+from mose.study.methods import FINAL_STAGE, METHODS, method_stages
+from mose.train import train
+from mose.train.recipe import Recipe, recipe_from_dict
+
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True, order=True)
+class RunSpec:
+    method: str
+    fraction: float  # of the answer data
+    labelled: int | None  # skill-labelled samples for the routers (MoSE methods; None: all there are)
+    seed: int
+
+    @property
+    def name(self) -> str:
+        labelled = f"-l{self.labelled}" if METHODS[self.method].mose else ""
+        return f"{self.method}/f{self.fraction:g}{labelled}-s{self.seed}"
+
+
+def plan_runs(config: StudyConfig) -> list[RunSpec]:
+    """Every run the config's experiments need, each once, in a stable order."""
+    default_labelled = config.router.get("labelled")
+    experiments = config.experiments
+
+    def spec(method: str, seed: int, fraction: float = 1.0, labelled: int | None = default_labelled):
+        return RunSpec(method, fraction, labelled if METHODS[method].mose else None, seed)
+
+    runs = []
+    for seed in config.seeds:
+        for group in (experiments.main, experiments.diversity):
+            runs += [spec(m, seed) for m in (group.methods if group else [])]
+        if experiments.data_size:
+            runs += [spec(m, seed, f) for m in experiments.data_size.methods
+                     for f in experiments.data_size.fractions]
+        if experiments.skill_data:
+            runs += [spec(m, seed, labelled=n) for m in experiments.skill_data.methods
+                     for n in experiments.skill_data.labelled]
+    return sorted(set(runs), key=lambda r: (r.seed, list(METHODS).index(r.method), r.fraction,
+                                            r.labelled or 0))
+
+
+def run_recipe(config: StudyConfig, spec: RunSpec, data: StudyData, start: str) -> Recipe:
+    """The training recipe of one run, from `start` (the pretrained tiny model or the checkpoint)."""
+    router = {**config.router, "labelled": spec.labelled}
+    stages = method_stages(spec.method, config.finetune, router, config.taxonomy,
+                           str(data.labelled) if data.labelled else None)
+    recipe = {**config.recipe, "model": start, "output_dir": str(run_dir(config, spec)), "seed": spec.seed,
+              "data": {**config.recipe.get("data", {}), "train": str(data.train), "fraction": spec.fraction},
+              "stages": stages}
+    return recipe_from_dict(recipe, source=f"{config.source}: run {spec.name}")
+
+
+def run_dir(config: StudyConfig, spec: RunSpec) -> Path:
+    return config.out / "runs" / spec.name
+
+
+def load_result(config: StudyConfig, spec: RunSpec) -> dict[str, Any] | None:
+    path = run_dir(config, spec) / RESULT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def execute(config: StudyConfig, spec: RunSpec, recipe: Recipe, data: StudyData) -> dict[str, Any]:
+    """Train (resuming what an interrupted run left), answer the test split, and measure."""
+    out = run_dir(config, spec)
+    train(recipe, resume=True)
+    model, processor = load_model(str(out / FINAL_STAGE))
+    test = list(read_jsonl(data.test))
+    evaluation = evaluate(model, processor, test, data.test, out / "eval", config.generation.max_new_tokens,
+                          config.generation.batch_size, config.score, config.judge)
+    result = {"run": asdict(spec), "settings": run_settings(config, recipe), "scores": evaluation.scores,
+              "trainable_params": trainable_params(model), "active_params": active_params(model),
+              "total_params": sum(p.numel() for p in model.parameters()),
+              "tokens_per_s": round(evaluation.tokens_per_s, 1), "expert_similarity": _similarity(model)}
+    with atomic_path(out / RESULT_FILE) as temp:
+        temp.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run_settings(config: StudyConfig, recipe: Recipe) -> dict[str, Any]:
+    """What a run's result depends on: a finished run is reused only while these stay the same."""
+    return {"recipe": recipe.to_dict(), "generation": asdict(config.generation), "score": config.score}
+
+
+def _similarity(model: Any) -> float | None:
+    """Mean cosine similarity between distinct routed experts over the MoE layers (None: dense)."""
+    if not expert_blocks(model):
+        return None
+    pairs = [layer.routed_off_diagonal() for layer in expert_similarity(model)]
+    means = [float(p.mean()) for p in pairs if p.size]
+    return sum(means) / len(means) if means else None
