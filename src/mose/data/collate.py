@@ -64,14 +64,26 @@ class SampleEncoder:
         self.vision = hasattr(processor, "image_processor")
 
     def settings(self) -> tuple:
-        """What an encoding depends on besides the sample (two encoders alike encode alike)."""
+        """What `encode` depends on besides the sample (two encoders alike encode alike)."""
         image = getattr(self.processor, "image_processor", None)
         return (self.tokenizer.name_or_path, len(self.tokenizer), self.tokenizer.chat_template,
-                None if self.taxonomy is None else json.dumps(self.taxonomy.to_dict(), sort_keys=True),
                 self.max_length, None if image is None else json.dumps(image.to_dict(), sort_keys=True,
                                                                        default=str))
 
     def __call__(self, sample: Sample, with_answer: bool = True) -> dict[str, torch.Tensor]:
+        return self.with_skills(self.encode(sample, with_answer), sample)
+
+    def with_skills(self, item: dict[str, torch.Tensor], sample: Sample) -> dict[str, torch.Tensor]:
+        """The item with the sample's skill labels, (L,), when there is a taxonomy and labels."""
+        if self.taxonomy is None or sample.skills is None:
+            return item
+        try:
+            return {**item, "skill_labels": torch.tensor(self.taxonomy.encode(sample.skills))}  # (L,)
+        except ValueError as error:
+            raise DataError(self.source, sample.id, "skills", str(error)) from None
+
+    def encode(self, sample: Sample, with_answer: bool = True) -> dict[str, torch.Tensor]:
+        """Token ids, labels and image tensors (no skill labels)."""
         content: Any
         if self.vision:
             content = [{"type": "image"} for _ in sample.images]
@@ -107,19 +119,15 @@ class SampleEncoder:
         if "mm_token_type_ids" in encoded:
             types = encoded["mm_token_type_ids"][0]
             item["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(answer_ids)])
-        if self.taxonomy is not None and sample.skills is not None:
-            try:
-                item["skill_labels"] = torch.tensor(self.taxonomy.encode(sample.skills))  # (L,)
-            except ValueError as error:
-                raise DataError(self.source, sample.id, "skills", str(error)) from None
         return item
 
 
 class EncodedDataset(torch.utils.data.Dataset):
     """Samples encoded once up front (with a progress bar), reused every epoch.
 
-    `cache` (sample id → item, for this encoder and `with_answer`) lends items encoded
-    before and keeps the new ones, so runs over one file encode it once.
+    `cache` (sample id → item without skill labels, for this encoder's `settings()` and
+    `with_answer`) lends items encoded before and keeps the new ones, so runs over one file
+    encode it once.
     """
 
     def __init__(self, samples: Sequence[Sample], encoder: SampleEncoder, with_answer: bool = True,
@@ -129,8 +137,8 @@ class EncodedDataset(torch.utils.data.Dataset):
             cache = {}  # ids must name one record each to be shared
         missing = [s for s in self.samples if s.id not in cache]
         for sample in track(missing, description="tokenising", disable=not progress or not missing):
-            cache[sample.id] = encoder(sample, with_answer)
-        self.items = [cache[s.id] for s in self.samples]
+            cache[sample.id] = encoder.encode(sample, with_answer)
+        self.items = [encoder.with_skills(cache[s.id], s) for s in self.samples]
 
     def __len__(self) -> int:
         return len(self.items)
