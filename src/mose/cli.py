@@ -355,6 +355,10 @@ def study(
     paths = [*config, *(Path(a) for a in ctx.args if "=" not in a)]  # `--config a.yaml b.yaml` (a glob)
     try:
         studies = [load_study(path, overrides) for path in paths]  # every config checked before any work
+        folders = [Path(s.output_dir).resolve() for s in studies]
+        shared = next((f for f in folders if folders.count(f) > 1), None)
+        if shared is not None:
+            raise ValueError(f"two studies would write to {shared}: give each its own output_dir")
         for loaded in studies:
             run_study(loaded)
     except (RecipeError, DataError, ValueError, FileNotFoundError) as error:

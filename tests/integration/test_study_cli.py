@@ -75,9 +75,12 @@ def test_a_rerun_reuses_every_run_and_changed_settings_are_refused(studies):
     before = (root / "driving" / "results.json").read_text()
     again = mose_study("--config", str(root / "driving.yaml"))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "(reused)" in again.stdout  # the pretraining
+    words = " ".join(again.stdout.split())
+    assert words.count("(reused)") == 1 + 8  # the pretraining and every run
     assert json.loads((root / "driving" / "results.json").read_text())["runs"] == json.loads(before)["runs"]
     changed = mose_study("--config", str(root / "driving.yaml"), "finetune.lr=0.01")
     assert changed.returncode == 2 and "other settings" in changed.stdout
     bad = mose_study("--config", str(root / "driving.yaml"), "experiments.main.methods=[mose,moe_3x1]")
     assert bad.returncode == 2 and "moe_3x1" in bad.stdout and "driving.yaml" in bad.stdout
+    both = mose_study("--config", str(root / "driving.yaml"), str(root / "robot.yaml"), f"output_dir={root}")
+    assert both.returncode == 2 and "two studies would write to" in " ".join(both.stdout.split())

@@ -62,3 +62,39 @@ def test_text_only_model_and_bad_inputs(tiny, tmp_path):
     with pytest.raises(DataError, match="record u, field 'skills'"):
         SampleEncoder(tokenizer, mose.load_taxonomy("driving"), source="train.jsonl")(
             Sample(id="u", images=[], question="q", answer="a", skills={"perception": "ufo"}))
+
+
+def test_an_encoding_cache_is_reused_per_file_and_settings_and_labels_follow_the_taxonomy(
+        tiny, robot_samples, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from mose.data import write_jsonl
+    from mose.train.data import EncodingCache
+
+    _, processor = tiny("qwen2_vl")
+    source = tmp_path / "robot.jsonl"
+    write_jsonl(source, robot_samples)
+    calls = []
+    original = SampleEncoder.encode
+
+    def encode(self, sample, with_answer=True):
+        calls.append(sample.id)
+        return original(self, sample, with_answer)
+
+    monkeypatch.setattr(SampleEncoder, "encode", encode)
+    cache = EncodingCache(keep=2)
+    plain, routed = SampleEncoder(processor), SampleEncoder(processor, mose.load_taxonomy("robot"))
+    first = EncodedDataset(robot_samples, plain, cache=cache(source, plain, True))
+    again = EncodedDataset(robot_samples[:3], routed, cache=cache(source, routed, True))
+    assert len(calls) == len(robot_samples)  # the second dataset encoded nothing
+    assert "skill_labels" not in first.items[0] and "skill_labels" in again.items[0]  # added per taxonomy
+    assert torch.equal(first.items[0]["input_ids"], again.items[0]["input_ids"])
+    EncodedDataset(robot_samples, plain, with_answer=False, cache=cache(source, plain, False))
+    assert len(calls) == 2 * len(robot_samples)  # prompts alone are another set
+    write_jsonl(source, robot_samples[::-1])  # rewritten: another file
+    EncodedDataset(robot_samples, plain, cache=cache(source, plain, True))
+    assert len(calls) == 3 * len(robot_samples)
+    # Records that share an id are never shared through the cache.
+    twins = [robot_samples[0], replace(robot_samples[1], id=robot_samples[0].id)]
+    items = EncodedDataset(twins, plain, cache=cache(source, plain, True)).items
+    assert not torch.equal(items[0]["pixel_values"], items[1]["pixel_values"])  # their own images

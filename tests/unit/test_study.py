@@ -9,7 +9,8 @@ import yaml
 
 from mose.study import StudyError, load_study, study_from_dict
 from mose.study.methods import method_stages
-from mose.study.runs import RunSpec, plan_runs
+from mose.study.run import planned_data, pretrain_recipe
+from mose.study.runs import RunSpec, plan_runs, run_recipe
 from mose.study.summary import data_size_table, fmt, headline, main_table, skill_data_table
 from mose.train.recipe import recipe_from_dict
 
@@ -23,10 +24,15 @@ def config(**changes):
 
 
 @pytest.mark.parametrize("name", ["driving", "robot"])
-def test_shipped_study_configs_load(name):
+def test_shipped_study_configs_load_and_every_run_is_a_valid_recipe(name):
     study = load_study(f"configs/study/{name}.yaml")
     assert study.taxonomy == name and study.world.domain == name and len(study.seeds) >= 3
-    assert plan_runs(study)  # every run's recipe is built by the study before training; see below
+    data = planned_data(study, plan_runs(study))
+    assert data.labelled is not None and data.pretrain is not None
+    for spec in plan_runs(study):
+        recipe = run_recipe(study, spec, data, "runs/pretrained")
+        assert recipe.seed == spec.seed and recipe.data.fraction == spec.fraction
+    assert pretrain_recipe(study, data).stages["pretrain"].trainable == "all"
 
 
 @pytest.mark.parametrize("name", ["coda-lm", "robo2vlm"])
@@ -41,7 +47,13 @@ def test_real_benchmark_study_configs_load(name, monkeypatch):
     ({"experiments": {"main": {"methods": ["mose", "moe_3x1"]}}}, "experiments.main.methods names 'moe_3x1'"),
     ({"world": None}, "exactly one of 'world'"),
     ({"data": {"train": "a.jsonl", "test": "b.jsonl"}}, "exactly one of 'world'"),
-    ({"pretrain": None}, "give 'pretrain' options"),
+    ({"pretrain": None}, "and 'pretrain' options"),
+    ({"world": None, "data": {"train": "a.jsonl", "test": "b.jsonl"}}, "it needs 'world'"),
+    ({"experiments": {"skill_data": {"labelled": [10], "methods": ["moe_4x1"]}}}, "no skill routers"),
+    ({"experiments": {"skill_data": {"labelled": [0]}}}, "value is 0"),
+    ({"experiments": {"data_size": {"methods": ["mose"], "fractions": [1.5]}}}, "value is 1.5"),
+    ({"world": {"domain": "driving", "test_samples": 0}}, "test_samples is 0"),
+    ({"generation": {"max_new_tokens": 0}}, "max_new_tokens is 0"),
     ({"seeds": [0, 0]}, "distinct seeds"),
     ({"seeds": ["zero"]}, "'seeds[0]' is 'zero'"),
     ({"score": "mmlu"}, "'score' is 'mmlu'"),
@@ -94,6 +106,19 @@ def test_experiments_share_runs():
     assert {r for r in runs if r.seed == 0} == per_seed
     assert RunSpec("mose", 0.5, 100, 1).name == "mose/f0.5-l100-s1"
     assert RunSpec("moe_4x1", 1.0, None, 1).name == "moe_4x1/f1-s1"
+    # Without a default labelled set the routers learn from every label, beside skill_data's sizes.
+    every = config(router={}, experiments={"main": {"methods": ["mose"]}, "skill_data": {"labelled": [10]}})
+    assert [r.name for r in plan_runs(every)] == ["mose/f1-lall-s0", "mose/f1-l10-s0"]
+
+
+def test_a_bad_finetune_option_is_found_before_any_work(tmp_path):
+    from mose.study import run_study
+    from mose.train import RecipeError
+
+    study = config(output_dir=str(tmp_path / "out"), finetune={"lrr": 1e-3})
+    with pytest.raises(RecipeError, match="unknown key 'stages.sft.lrr'"):
+        run_study(study)
+    assert not (tmp_path / "out").exists()  # no data generated, nothing trained
 
 
 @pytest.mark.parametrize("method", ["dense_sft", "moe_4x1", "moe_8x1", "mose", "mose_groups"])

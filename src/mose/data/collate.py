@@ -63,12 +63,12 @@ class SampleEncoder:
         self.max_length = max_length
         self.vision = hasattr(processor, "image_processor")
 
-    def settings(self) -> tuple:
-        """What `encode` depends on besides the sample (two encoders alike encode alike)."""
+    def settings(self) -> str:
+        """What `encode` depends on besides the sample: two encoders with equal settings encode alike."""
         image = getattr(self.processor, "image_processor", None)
-        return (self.tokenizer.name_or_path, len(self.tokenizer), self.tokenizer.chat_template,
-                self.max_length, None if image is None else json.dumps(image.to_dict(), sort_keys=True,
-                                                                       default=str))
+        return json.dumps([self.tokenizer.name_or_path, len(self.tokenizer), self.tokenizer.chat_template,
+                           self.max_length, None if image is None else image.to_dict()],
+                          sort_keys=True, default=str)
 
     def __call__(self, sample: Sample, with_answer: bool = True) -> dict[str, torch.Tensor]:
         return self.with_skills(self.encode(sample, with_answer), sample)
@@ -134,7 +134,10 @@ class EncodedDataset(torch.utils.data.Dataset):
                  progress: bool = False, cache: MutableMapping[str, dict] | None = None) -> None:
         self.samples = list(samples)
         if cache is None or len({s.id for s in self.samples}) < len(self.samples):
-            cache = {}  # ids must name one record each to be shared
+            # No cache, or ids that do not name one record each: encode every sample.
+            self.items = [encoder(s, with_answer) for s in
+                          track(self.samples, description="tokenising", disable=not progress)]
+            return
         missing = [s for s in self.samples if s.id not in cache]
         for sample in track(missing, description="tokenising", disable=not progress or not missing):
             cache[sample.id] = encoder.encode(sample, with_answer)

@@ -13,13 +13,13 @@ from rich.table import Table
 
 from mose.data import Sample, read_jsonl
 from mose.data.schema import atomic_path
-from mose.demo.settings import METHODS, DemoSettings
+from mose.demo.settings import DEMO_METHODS, DemoSettings
 from mose.eval.chat import format_chain
 from mose.eval.predictions import Prediction, read_predictions
 from mose.eval.score.common import Pair
 from mose.eval.score.world import level_of
 from mose.study import StudyResults, run_study
-from mose.study.methods import METHODS as METHOD_INFO
+from mose.study.methods import METHODS
 from mose.study.run import RESULTS_FILE
 from mose.study.runs import run_dir
 
@@ -33,7 +33,7 @@ def run_demo(out: str | Path, settings: DemoSettings) -> dict[str, Any]:
     begin = time.perf_counter()
     _claim(out, settings)
     study = run_study(settings.study(out))
-    methods = {method: _row(study, method) for method in METHODS}
+    methods = {method: _row(study, method) for method in DEMO_METHODS}
     results = {"methods": methods, "settings": settings.to_dict(), "routing": _routing(study),
                "seconds": round(time.perf_counter() - begin, 1)}
     # The study's results (tables, every run) stay in the file, under the demo's own keys.
@@ -45,7 +45,7 @@ def run_demo(out: str | Path, settings: DemoSettings) -> dict[str, Any]:
         console.width = max(console.width, 120)
     test = list(read_jsonl(study.data.test))
     console.print(results_table(methods, len(test)))
-    answers = {m: read_predictions(_run(study, m)[1] / "eval" / "predictions.jsonl") for m in METHODS}
+    answers = {m: read_predictions(_run(study, m)[1] / "eval" / "predictions.jsonl") for m in DEMO_METHODS}
     show_answers(test, answers)
     console.print(f"wrote {path} and {study.report} in {time.perf_counter() - begin:.0f} s")
     return results
@@ -90,7 +90,7 @@ def results_table(methods: dict[str, dict[str, Any]], n: int) -> Table:
         overall = f"{row['overall']:.1f}"
         overall = f"[bold]{overall}[/bold]" if row["overall"] == best else overall
         levels = (f"{row[lv]:.1f}" if row[lv] is not None else "—" for lv in LEVELS)
-        table.add_row(METHOD_INFO[method].label, *levels, overall,
+        table.add_row(METHODS[method].label, *levels, overall,
                       f"{row['trainable_params']:,}", f"{row['active_params']:,}",
                       f"{row['tokens_per_s']:.0f}")
     return table
@@ -106,5 +106,5 @@ def show_answers(test: list[Sample], predictions: dict[str, dict[str, Prediction
         console.print(f"\n[bold]{sample.question}[/bold]  [dim]({sample.id}; "
                       f"reference: {sample.answer})[/dim]")
         for method, answers in predictions.items():
-            console.print(f"  {METHOD_INFO[method].label:>16}: {answers[sample.id].answer}", highlight=False)
+            console.print(f"  {METHODS[method].label:>16}: {answers[sample.id].answer}", highlight=False)
         console.print(f"  {'skill chain':>16}: {format_chain(mose[sample.id].skill_chain)}", highlight=False)

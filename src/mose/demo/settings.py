@@ -8,7 +8,7 @@ from typing import Any
 
 from mose.study import StudyConfig, study_from_dict
 
-METHODS = ("mose", "moe_4x1", "dense_sft")
+DEMO_METHODS = ("mose", "moe_4x1", "dense_sft")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class DemoSettings:
                        **batch},
             "generation": {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size},
             "seeds": [self.seed],
-            "experiments": {"main": {"methods": list(METHODS)},
+            "experiments": {"main": {"methods": list(DEMO_METHODS)},
                             "diversity": {"methods": ["mose", "moe_4x1"]}},
         }, source="mose demo")
 

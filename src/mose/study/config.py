@@ -30,11 +30,16 @@ from typing import Any, Literal
 
 from mose.eval.score import BENCHES, JUDGE_OPTIONS
 from mose.study.methods import METHODS
-from mose.train.recipe import RecipeError, apply_override, build_options, read_with_base
+from mose.train.recipe import RecipeError, apply_override, build_options, check_range, read_with_base
 
 
 class StudyError(RecipeError):
     """A study config that cannot run: names the file and the key."""
+
+
+@dataclass
+class _Value:  # one list item, range-checked like a field
+    value: float
 
 
 @dataclass
@@ -46,6 +51,10 @@ class WorldOptions:
     train_samples: int = 6000  # benchmark questions every method fine-tunes on
     test_samples: int = 400
     seed: int = 0  # the data's seed (the runs' seeds are `seeds`)
+
+    def __post_init__(self) -> None:
+        check_range(self, pretrain_samples=(1, None, True), train_samples=(1, None, True),
+                    test_samples=(1, None, True))
 
 
 @dataclass
@@ -69,6 +78,10 @@ class DataSizeExperiment:
     methods: list[str]
     fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
 
+    def __post_init__(self) -> None:
+        for fraction in self.fractions:
+            check_range(_Value(fraction), value=(0.0, 1.0, False))
+
 
 @dataclass
 class SkillDataExperiment:
@@ -76,6 +89,13 @@ class SkillDataExperiment:
 
     labelled: list[int]
     methods: list[str] = field(default_factory=lambda: ["mose"])
+
+    def __post_init__(self) -> None:
+        for size in self.labelled:
+            check_range(_Value(size), value=(1, None, True))
+        unrouted = [m for m in self.methods if m in METHODS and not METHODS[m].mose]
+        if unrouted:
+            raise StudyError(f"skill_data.methods names {unrouted[0]!r}, which has no skill routers")
 
 
 @dataclass
@@ -90,6 +110,9 @@ class Experiments:
 class Generation:
     max_new_tokens: int = 16
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_range(self, max_new_tokens=(1, None, True), batch_size=(1, None, True))
 
 
 @dataclass
@@ -120,8 +143,9 @@ class StudyConfig:
         self._check_judge()
         if self.taxonomy is None and self.world is not None:
             self.taxonomy = self.world.domain
-        if self.is_tiny and self.pretrain is None:
-            raise StudyError("a tiny model starts from random weights: give 'pretrain' options")
+        if self.is_tiny and (self.pretrain is None or self.world is None):
+            raise StudyError("a tiny model starts from random weights: it needs 'world' (whose general "
+                             "questions it is pretrained on) and 'pretrain' options")
         shared = set(self.recipe) - {"mixed_precision", "dtype", "data"}
         if shared:  # the study sets the rest (model, output_dir, seed, stages) per run
             raise StudyError(f"recipe.{sorted(shared)[0]} cannot be shared by every run; "
@@ -176,11 +200,11 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     """Read a study (with its `base:`), apply `key=value` overrides, and validate."""
     path = Path(path)
     try:
-        data = read_with_base(path)
+        data = read_with_base(path, what="study")
         for item in overrides:
             apply_override(data, item, path)
     except RecipeError as error:
-        raise StudyError(str(error).replace("recipe", "study")) from None
+        raise StudyError(str(error)) from None
     return study_from_dict(data, source=str(path))
 
 

@@ -5,7 +5,6 @@ Each file is written atomically, so one that exists is complete and a rerun reus
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,10 +29,15 @@ class Annotation:
     agreement: float | None  # fraction of levels where the rules agree with the records' own skills
 
 
+def world_files(out: Path) -> StudyData:
+    """Where `make_world` writes its splits."""
+    return StudyData(pretrain=out / "pretrain" / "pretrain.jsonl", train=out / "qa" / "train.jsonl",
+                     test=out / "qa" / "test.jsonl")
+
+
 def make_world(out: Path, domain: str, pretrain_n: int, train_n: int, test_n: int, seed: int) -> StudyData:
     """Generate what is missing: general questions (pretraining), benchmark questions (train, test)."""
-    data = StudyData(pretrain=out / "pretrain" / "pretrain.jsonl", train=out / "qa" / "train.jsonl",
-                     test=out / "qa" / "test.jsonl")
+    data = world_files(out)
     for path, n, split, weights in ((data.pretrain, pretrain_n, "pretrain", general_weights(domain)),
                                     (data.train, train_n, "train", {}), (data.test, test_n, "test", {})):
         if not path.is_file():
@@ -41,24 +45,23 @@ def make_world(out: Path, domain: str, pretrain_n: int, train_n: int, test_n: in
     return data
 
 
-def annotate_subset(train: Path, out: Path, size: int | None, seed: int) -> Annotation:
-    """Rule-annotate `size` training records (all when None) as a user would (`mose annotate --limit`).
+def annotate_with_rules(train: Path, out: Path) -> Annotation:
+    """Label every training record with the shipped rules that match it, as `mose annotate` would.
 
-    Skills the records carry (the world's ground truth) are dropped first, so the
-    labels the routers learn from are the rules' alone; they are compared afterwards.
+    Skills the records carry (the world's ground truth) are dropped first, so the labels
+    the routers learn from are the rules' alone; they are compared afterwards. Each router
+    stage then takes its own seeded subset (`labelled`), so a run's labels never depend on
+    which other runs a study holds.
     """
     samples = list(read_jsonl(train))
-    size = len(samples) if size is None else min(size, len(samples))
-    keep = sorted(random.Random(seed).sample(range(len(samples)), size))
-    chosen = [samples[i] for i in keep]
-    rules = shipped_rules_for(chosen)
+    rules = shipped_rules_for(samples)
     if rules is None:
         raise ValueError(f"{train}: no shipped rule set matches these records; label them with "
                          "`mose annotate` and give the file as data.labelled")
-    labelled, _ = RuleAnnotator.load(rules).annotate([replace(s, skills=None) for s in chosen])
+    labelled, _ = RuleAnnotator.load(rules).annotate([replace(s, skills=None) for s in samples])
     if not out.is_file():
         write_jsonl(out, labelled)
-    return Annotation(rules, len(labelled), _agreement(labelled, chosen))
+    return Annotation(rules, len(labelled), _agreement(labelled, samples))
 
 
 def _agreement(labelled: list[Sample], truth: list[Sample]) -> float | None:

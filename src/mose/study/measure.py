@@ -12,6 +12,7 @@ from torch import nn
 from mose.arch import arch_of
 from mose.config import resolve_layers
 from mose.data import Sample
+from mose.data.schema import atomic_path
 from mose.eval.predict import predict
 from mose.eval.predictions import read_predictions
 from mose.eval.score import score, write_scores
@@ -64,17 +65,21 @@ def evaluate(model: Any, processor: Any, test: list[Sample], test_path: Path, ou
              judge: dict[str, Any] | None = None) -> Evaluation:
     """Answer the test split (reusing finished predictions) and score it with `bench`'s scorer.
 
-    The timing of the run that generated the predictions is kept beside them,
-    so a rerun that reuses them reports the same speed.
+    The timing of the run that generated the predictions is kept beside them, with the
+    generation settings, so a rerun that reuses them reports the same speed, and answers
+    generated with other settings are generated again.
     """
     predictions, timing = out_dir / "predictions.jsonl", out_dir / "timing.json"
-    if not (predictions.is_file() and timing.is_file()):
-        predictions.unlink(missing_ok=True)  # answers without their timing: generate again
+    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    times = json.loads(timing.read_text()) if timing.is_file() else {}
+    if not predictions.is_file() or times.get("settings") != settings:
+        predictions.unlink(missing_ok=True)  # no timing, or answers generated otherwise: generate again
         report = predict(model, processor, test, predictions, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, source=str(test_path))
         tokens = answer_tokens(processor, read_predictions(predictions).values())
-        timing.write_text(json.dumps({"answer_tokens": tokens, "seconds": report.seconds}) + "\n")
-    times = json.loads(timing.read_text())
+        times = {"answer_tokens": tokens, "seconds": report.seconds, "settings": settings}
+        with atomic_path(timing) as temp:
+            temp.write_text(json.dumps(times) + "\n")
     scores = score(bench, predictions, test_path, **(judge or {}))
     write_scores(out_dir / "scores.json", scores)
     return Evaluation(scores, times["answer_tokens"], times["seconds"])

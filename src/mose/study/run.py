@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,20 @@ from mose.eval.report import write_report
 from mose.models.loading import load_model
 from mose.study import summary
 from mose.study.config import StudyConfig, StudyError
-from mose.study.data import Annotation, StudyData, annotate_subset, make_world
+from mose.study.data import Annotation, StudyData, annotate_with_rules, make_world, world_files
 from mose.study.methods import FINAL_STAGE, METHODS
-from mose.study.runs import RunSpec, execute, load_result, plan_runs, run_dir, run_recipe, run_settings
+from mose.study.runs import (
+    RunSpec,
+    execute,
+    load_result,
+    main_run,
+    plan_runs,
+    run_dir,
+    run_recipe,
+    run_settings,
+)
 from mose.train import train
-from mose.train.recipe import recipe_from_dict
+from mose.train.recipe import Recipe, recipe_from_dict
 
 console = Console()
 SETTINGS_FILE = "study.json"  # what the folder's data and general model were made with
@@ -61,17 +70,20 @@ def step(title: str) -> Iterator[dict[str, str]]:
 def run_study(config: StudyConfig) -> StudyResults:
     """Run what is missing of a study and write OUT/results.json and OUT/report.html."""
     out = config.out
-    _claim(config)
     specs = plan_runs(config)
+    data = planned_data(config, specs)
+    start = str(out / "pretrain" / "pretrain") if config.is_tiny else config.model
+    # Every recipe is built, so checked, before any data is made or any model trained.
+    pretraining = pretrain_recipe(config, data) if config.is_tiny else None
+    recipes = {spec: run_recipe(config, spec, data, start) for spec in specs}
+    _claim(config)
     with step(f"{config.name}: data") as done:
-        data, annotation = prepare_data(config, specs)
-        done["line"] = _data_line(config, data, annotation)
-    start = config.model
-    if config.is_tiny:
+        annotation = prepare_data(config, data)
+        done["line"] = _data_line(data, annotation)
+    if pretraining is not None:
         with step(f"{config.name}: pretraining a general model") as done:
-            start, metrics = pretrain(config, data)
+            metrics = train(pretraining, resume=True)["pretrain"]
             done["line"] = f"{config.model} on {data.pretrain} → {start}{_loss(metrics)}"
-    recipes = {spec: run_recipe(config, spec, data, start) for spec in specs}  # every recipe checked first
     runs = {}
     for i, spec in enumerate(specs, 1):
         with step(f"{config.name}: run {i}/{len(specs)} · {spec.name}") as done:
@@ -89,44 +101,47 @@ def run_study(config: StudyConfig) -> StudyResults:
     return StudyResults(config, data, annotation, runs, tables, report)
 
 
-def prepare_data(config: StudyConfig, specs: list[RunSpec]) -> tuple[StudyData, Annotation | None]:
-    """The world's splits (generated) or the given files, and skill labels when MoSE needs them."""
-    folder = config.out / "data"
+def planned_data(config: StudyConfig, specs: list[RunSpec]) -> StudyData:
+    """Where the study's data is, or will be once `prepare_data` has made it."""
     if config.world is not None:
-        w = config.world
-        data = make_world(folder, w.domain, w.pretrain_samples, w.train_samples, w.test_samples, w.seed)
+        data = world_files(config.out / "data")
     else:
         data = StudyData(train=Path(config.data.train), test=Path(config.data.test),
                          labelled=Path(config.data.labelled) if config.data.labelled else None)
-        for path in (data.train, data.test, data.labelled):
-            if path is not None and not path.is_file():
-                raise StudyError(f"{config.source}: no such data file {path}")
-    if data.labelled is not None or not any(METHODS[s.method].mose for s in specs):
-        return data, None
-    sizes = [s.labelled for s in specs if METHODS[s.method].mose]
-    size = None if None in sizes else max(sizes)  # the largest set; each run takes its seeded subset
-    labelled = folder / "labelled.jsonl"
-    seed = config.world.seed if config.world is not None else 0
-    annotation = annotate_subset(data.train, labelled, size, seed)
-    return StudyData(data.train, data.test, data.pretrain, labelled), annotation
+    if data.labelled is None and any(METHODS[s.method].mose for s in specs):
+        data = replace(data, labelled=config.out / "data" / "labelled.jsonl")  # the shipped rules' labels
+    return data
 
 
-def pretrain(config: StudyConfig, data: StudyData) -> tuple[str, dict[str, Any]]:
-    """The tiny model's general pretraining (every weight, the world's general kinds only)."""
-    output = config.out / "pretrain"
-    recipe = recipe_from_dict(
-        {**config.recipe, "model": config.model, "output_dir": str(output), "seed": config.world.seed,
-         "data": {**config.recipe.get("data", {}), "train": str(data.pretrain)},
+def prepare_data(config: StudyConfig, data: StudyData) -> Annotation | None:
+    """Generate the world's missing splits (or check the given files), and label the training split
+    with the shipped rules when MoSE needs labels the config does not give."""
+    if config.world is not None:
+        w = config.world
+        make_world(config.out / "data", w.domain, w.pretrain_samples, w.train_samples, w.test_samples, w.seed)
+    else:
+        given = [data.train, data.test, *([data.labelled] if config.data.labelled else [])]
+        missing = [path for path in given if not path.is_file()]
+        if missing:
+            raise StudyError(f"{config.source}: no such data file {missing[0]}")
+    if data.labelled is None or (config.data is not None and config.data.labelled):
+        return None
+    return annotate_with_rules(data.train, data.labelled)
+
+
+def pretrain_recipe(config: StudyConfig, data: StudyData) -> Recipe:
+    """The tiny model's general pretraining: every weight, on the world's general questions only."""
+    return recipe_from_dict(
+        {**config.recipe, "model": config.model, "output_dir": str(config.out / "pretrain"),
+         "seed": config.world.seed, "data": {**config.recipe.get("data", {}), "train": str(data.pretrain)},
          "stages": {"pretrain": {"stage": "backbone", "trainable": "all", **config.pretrain}}},
         source=f"{config.source}: pretrain")
-    metrics = train(recipe, resume=True)["pretrain"]
-    return str(output / "pretrain"), metrics
 
 
 def _claim(config: StudyConfig) -> None:
     """Reuse a folder only for the same data and general model; runs are checked one by one."""
     path = config.out / SETTINGS_FILE
-    keys = ("model", "world", "data", "pretrain", "taxonomy")
+    keys = ("model", "world", "data", "taxonomy")  # the pretraining's stage checks its own settings
     settings = {k: config.to_dict()[k] for k in keys}
     if path.is_file() and json.loads(path.read_text()) != settings:
         raise StudyError(f"{config.out} holds a study made with other data or another general model "
@@ -135,7 +150,7 @@ def _claim(config: StudyConfig) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def _reuse(config: StudyConfig, spec: RunSpec, recipe: Any) -> dict[str, Any] | None:
+def _reuse(config: StudyConfig, spec: RunSpec, recipe: Recipe) -> dict[str, Any] | None:
     """A finished run's result, if it ran with this recipe (else a clear error, never a silent rerun)."""
     result = load_result(config, spec)
     if result is None:
@@ -165,7 +180,7 @@ def _report(config: StudyConfig, data: StudyData, runs: dict[RunSpec, dict[str, 
     test = list(read_jsonl(data.test))
     analyses: list[ModelAnalysis] = []
     for method in config.experiments.diversity.methods if config.experiments.diversity else []:
-        spec = _first_seed_run(config, runs, method)
+        spec = main_run(config, method, config.seeds[0])
         model, processor = load_model(str(run_dir(config, spec) / FINAL_STAGE))
         analyses.append(analyze_model(model, processor, test, name=METHODS[method].label,
                                       batch_size=config.generation.batch_size, source=str(data.test)))
@@ -180,21 +195,14 @@ def _report(config: StudyConfig, data: StudyData, runs: dict[RunSpec, dict[str, 
                                  "sample answers": f"{METHODS[shown.method].label} ({shown.name})"})
 
 
-def _first_seed_run(config: StudyConfig, runs: dict[RunSpec, dict[str, Any]], method: str) -> RunSpec:
-    """The method's run on all the data with the default labelled set, at the first seed."""
-    labelled = config.router.get("labelled") if METHODS[method].mose else None
-    return next(s for s in sorted(runs) if s.method == method and s.seed == config.seeds[0]
-                and s.fraction == 1.0 and s.labelled == labelled)
-
-
 def _sample_run(config: StudyConfig, runs: dict[RunSpec, dict[str, Any]]) -> RunSpec:
-    """Whose answers the report shows: a MoSE method's main run if there is one (skill chains)."""
+    """Whose answers the report shows: a MoSE method's first main run if there is one (skill chains)."""
     main = config.experiments.main.methods if config.experiments.main else []
     method = next((m for m in main if METHODS[m].mose), None)
-    return _first_seed_run(config, runs, method) if method else sorted(runs)[0]
+    return main_run(config, method, config.seeds[0]) if method else min(runs, key=lambda s: s.order)
 
 
-def _data_line(config: StudyConfig, data: StudyData, annotation: Annotation | None) -> str:
+def _data_line(data: StudyData, annotation: Annotation | None) -> str:
     line = f"train {data.train}, test {data.test}"
     if annotation is not None:
         agreement = ("" if annotation.agreement is None else

@@ -28,7 +28,7 @@ from mose.train.recipe import Recipe, recipe_from_dict
 RESULT_FILE = "result.json"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class RunSpec:
     method: str
     fraction: float  # of the answer data
@@ -37,30 +37,42 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        labelled = f"-l{self.labelled}" if METHODS[self.method].mose else ""
-        return f"{self.method}/f{self.fraction:g}{labelled}-s{self.seed}"
+        name = f"{self.method}/f{self.fraction:g}"
+        if METHODS[self.method].mose:
+            name += f"-l{'all' if self.labelled is None else self.labelled}"
+        return f"{name}-s{self.seed}"
+
+    @property
+    def order(self) -> tuple:
+        """Seed, then method in METHODS' order, then data and labels: how runs are run and listed."""
+        labelled = -1 if self.labelled is None else self.labelled
+        return (self.seed, list(METHODS).index(self.method), self.fraction, labelled)
+
+
+def default_labelled(config: StudyConfig, method: str) -> int | None:
+    """The labelled set a method's routers learn from outside the skill-data experiment."""
+    return config.router.get("labelled") if METHODS[method].mose else None
+
+
+def main_run(config: StudyConfig, method: str, seed: int) -> RunSpec:
+    """A method's run on all the data with the default labelled set."""
+    return RunSpec(method, 1.0, default_labelled(config, method), seed)
 
 
 def plan_runs(config: StudyConfig) -> list[RunSpec]:
     """Every run the config's experiments need, each once, in a stable order."""
-    default_labelled = config.router.get("labelled")
     experiments = config.experiments
-
-    def spec(method: str, seed: int, fraction: float = 1.0, labelled: int | None = default_labelled):
-        return RunSpec(method, fraction, labelled if METHODS[method].mose else None, seed)
-
     runs = []
     for seed in config.seeds:
         for group in (experiments.main, experiments.diversity):
-            runs += [spec(m, seed) for m in (group.methods if group else [])]
+            runs += [main_run(config, m, seed) for m in (group.methods if group else [])]
         if experiments.data_size:
-            runs += [spec(m, seed, f) for m in experiments.data_size.methods
+            runs += [RunSpec(m, f, default_labelled(config, m), seed) for m in experiments.data_size.methods
                      for f in experiments.data_size.fractions]
         if experiments.skill_data:
-            runs += [spec(m, seed, labelled=n) for m in experiments.skill_data.methods
+            runs += [RunSpec(m, 1.0, n, seed) for m in experiments.skill_data.methods
                      for n in experiments.skill_data.labelled]
-    return sorted(set(runs), key=lambda r: (r.seed, list(METHODS).index(r.method), r.fraction,
-                                            r.labelled or 0))
+    return sorted(set(runs), key=lambda r: r.order)
 
 
 def run_recipe(config: StudyConfig, spec: RunSpec, data: StudyData, start: str) -> Recipe:

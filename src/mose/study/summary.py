@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from mose.eval.report import figure_png
 from mose.study.config import StudyConfig
 from mose.study.methods import METHODS
-from mose.study.runs import RunSpec
+from mose.study.runs import RunSpec, default_labelled, main_run
 
 Results = Mapping[RunSpec, dict[str, Any]]
 
@@ -42,7 +42,7 @@ def fmt(values: Sequence[float], decimals: int = 1) -> str:
 
 
 def _over_seeds(results: Results, pick: Callable[[RunSpec], bool]) -> list[dict[str, Any]]:
-    return [result for spec, result in sorted(results.items()) if pick(spec)]
+    return [results[spec] for spec in sorted(results, key=lambda s: s.order) if pick(spec)]
 
 
 def _metrics(bench: str, runs: Iterable[dict[str, Any]]) -> dict[str, list[float]]:
@@ -55,8 +55,7 @@ def main_table(config: StudyConfig, results: Results) -> dict[str, dict[str, Any
     """Per method: every headline metric, parameters and speed (the paper's Tables 1 and 2)."""
     table = {}
     for method in config.experiments.main.methods:
-        runs = _over_seeds(results, lambda s, m=method: s.method == m and s.fraction == 1.0 and
-                           s.labelled == _default_labelled(config, m))
+        runs = _over_seeds(results, lambda s, m=method: _is_main(config, s, m))
         table[METHODS[method].label] = {
             **{k: fmt(v) for k, v in _metrics(config.score, runs).items()},
             "trainable": f"{runs[0]['trainable_params']:,}", "active": f"{runs[0]['active_params']:,}",
@@ -107,8 +106,7 @@ def diversity_table(config: StudyConfig, results: Results) -> dict[str, dict[str
     """Per method, the mean cosine similarity between its routed experts (the paper's Fig. 8)."""
     table = {}
     for method in config.experiments.diversity.methods:
-        runs = _over_seeds(results, lambda s, m=method: s.method == m and s.fraction == 1.0 and
-                           s.labelled == _default_labelled(config, m))
+        runs = _over_seeds(results, lambda s, m=method: _is_main(config, s, m))
         values = [r["expert_similarity"] for r in runs if r["expert_similarity"] is not None]
         table[METHODS[method].label] = {"expert similarity": fmt(values, 4) if values else None}
     return table
@@ -116,7 +114,7 @@ def diversity_table(config: StudyConfig, results: Results) -> dict[str, dict[str
 
 def _ranking(config: StudyConfig, results: Results, method: str, fraction: float) -> list[float]:
     runs = _over_seeds(results, lambda s: s.method == method and s.fraction == fraction and
-                       s.labelled == _default_labelled(config, method))
+                       s.labelled == default_labelled(config, method))
     return [next(iter(headline(config.score, r["scores"]).values())) for r in runs]
 
 
@@ -124,5 +122,6 @@ def _ranking_name(config: StudyConfig) -> str:
     return {"world": "overall accuracy %", "coda-lm": "average score (×10)"}.get(config.score, "accuracy %")
 
 
-def _default_labelled(config: StudyConfig, method: str) -> int | None:
-    return config.router.get("labelled") if METHODS[method].mose else None
+def _is_main(config: StudyConfig, spec: RunSpec, method: str) -> bool:
+    """One of the method's main runs (all the data, the default labelled set)."""
+    return spec == main_run(config, method, spec.seed)

@@ -44,7 +44,8 @@ class EncodingCache:
     def __call__(self, source: str | Path, encoder: SampleEncoder, with_answer: bool) -> dict[str, dict]:
         """The set (sample id → item) for records of `source` encoded this way."""
         path = Path(source).resolve()
-        key = (str(path), path.stat().st_mtime_ns, encoder.settings(), with_answer)
+        stat = path.stat()  # an atomic rewrite changes the inode, an edit the size or time
+        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, encoder.settings(), with_answer)
         if key not in self._sets:
             self._sets[key] = {}
             while len(self._sets) > self.keep:

@@ -47,7 +47,7 @@ class DataOptions:
     max_pixels: int | None = None  # cap on an image's pixels (448*448 = 256 tokens); saved with the model
 
     def __post_init__(self) -> None:
-        _check_range(self, fraction=(0.0, 1.0, False), max_length=(1, None, True),
+        check_range(self, fraction=(0.0, 1.0, False), max_length=(1, None, True),
                      max_pixels=(1, None, True))
 
 
@@ -71,7 +71,7 @@ class TrainOptions:
     # trainable weights and their AdamW moments, so large trainable sets want it rarer)
 
     def __post_init__(self) -> None:
-        _check_range(self, epochs=(0.0, None, False), max_steps=(1, None, True),
+        check_range(self, epochs=(0.0, None, False), max_steps=(1, None, True),
                      batch_size=(1, None, True), grad_accum=(1, None, True), lr=(0.0, None, False),
                      weight_decay=(0.0, None, True), warmup_ratio=(0.0, 1.0, True),
                      max_grad_norm=(0.0, None, False), log_every=(1, None, True),
@@ -118,7 +118,7 @@ class ConvertStage:
         return config_from_dict({"kind": kind, **fields_})
 
 
-def _check_range(options: Any, **bounds: tuple[float, float | None, bool]) -> None:
+def check_range(options: Any, **bounds: tuple[float, float | None, bool]) -> None:
     """Each named option within (low, high); the flag says whether `low` itself is allowed."""
     for name, (low, high, low_ok) in bounds.items():
         value = getattr(options, name)
@@ -196,7 +196,7 @@ def _stage(name: str, options: Any, source: str) -> StageOptions:
     return stage
 
 
-def build_options(cls: type, data: Any, source: str, where: str):
+def build_options(cls: type, data: Any, source: str, where: str) -> Any:
     """A dataclass from a mapping, every key and type checked, naming the key on error.
 
     Fields typed as another dataclass are built from their own mapping the same way.
@@ -252,7 +252,7 @@ def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif expected is list:  # list[T], checked item by item
-        (item,) = typing.get_args(hint) or (int,)
+        (item,) = typing.get_args(hint) or (int,)  # a bare `list`: layer indices
         ok = isinstance(value, list)
         value = [_check_type(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)] if ok else value
     else:
@@ -270,10 +270,10 @@ def _key(where: str, name: str) -> str:
     return f"'{where}.{name}'" if where else f"'{name}'"
 
 
-def read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_with_base(path: Path, seen: tuple[Path, ...] = (), what: str = "recipe") -> dict[str, Any]:
     """A YAML mapping with its `base:` file (relative to it) merged under it, recursively."""
     if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
+        raise RecipeError(f"{path}: no such {what} file")
     if path.resolve() in seen:
         raise RecipeError(f"{path}: 'base' includes form a cycle")
     try:
@@ -281,11 +281,11 @@ def read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of keys")
+        raise RecipeError(f"{path}: a {what} is a mapping of keys")
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(read_with_base(path.parent / base, seen + (path.resolve(),)), data)
+    return _merge(read_with_base(path.parent / base, seen + (path.resolve(),), what), data)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -58,10 +58,12 @@ def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_f
                      aux_loss_coef: float = 0.0) -> Objective:
     """Cross-entropy summed over answer tokens, plus the auxiliary routing losses.
 
-    MoSE's routers average over the prompt only, as they do when answering: a route
-    that read the answer would be one inference never takes.
+    MoSE's routers average over the prompt only, as they do when answering with
+    `decode_routing="once"`: a route that read the answer would be one inference never
+    takes. ("running" routing reads the answer as it is generated, so it reads it here too.)
     """
-    routes_per_sample = isinstance(getattr(model, "mose_config", None), MoSEConfig)
+    config = getattr(model, "mose_config", None)
+    routes_per_sample = isinstance(config, MoSEConfig) and config.decode_routing == "once"
 
     def objective(runner: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "skill_labels")}

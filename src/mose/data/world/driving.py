@@ -6,12 +6,16 @@ follows from what is perceived (category, lane, distance) and predicted
 (motion), so planning cannot be answered without the earlier levels.
 
 The general kinds (`GENERAL_KINDS`: describe the scene, locate an object, say
-whether a category is there, count objects, locate what a red rectangle marks)
-are off unless a weight switches them on (`mose world generate --general`):
-they are the generic visual question answering a general VLM knows before it
-meets this benchmark, and what `mose demo` pretrains its tiny model on. None of
-them asks a benchmark question: no category by lane or rectangle, no motion
-question, no plan.
+whether a category is there, count objects, locate what a red rectangle marks,
+name the colour of the object in a rectangle or a lane, repeat a phrase) are
+off unless a weight switches them on (`mose world generate --general`): they
+are the generic visual question answering a general VLM knows before it meets
+this benchmark, and what `mose demo` pretrains its tiny model on. None asks a
+benchmark question, but they come close on purpose: each category has one
+colour, so naming the colour in a rectangle is naming the object in other
+words, and "repeat after me" makes the model able to say the answers' phrases.
+What fine-tuning must learn is the benchmark's words for what the model sees,
+how objects will move and what the ego vehicle should do.
 """
 
 from __future__ import annotations
@@ -218,7 +222,11 @@ def _unique(things: list[Thing], attribute: str) -> list[Thing]:
 
 def _general_question(rng: random.Random, kind: str,
                       things: list[Thing]) -> tuple[str, str, str | None, Thing | None]:
-    """(question, answer, the category it names (None: none), the object a red rectangle marks)."""
+    """(question, answer, the category it names (None: none), the object a red rectangle marks).
+
+    The object asked about may be background traffic; a sample's skills and `meta` still
+    describe the scene's key object, as for every kind (general questions train no router).
+    """
     if kind == "locate":
         thing = rng.choice(_unique(things, "category"))
         return f"Where is the {thing.category}?", place(thing), thing.category, None
