@@ -19,7 +19,7 @@ KEYS = ("overall", "perception", "prediction", "planning", "trainable_params", "
 def test_quick_demo_writes_results_and_report(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run([MOSE, "demo", "--quick", "--out", str(out)], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert tuple(results["methods"]) == METHODS
@@ -42,9 +42,9 @@ def test_quick_demo_writes_results_and_report(tmp_path):
 
     # A rerun reuses every finished stage and prediction.
     again = subprocess.run([MOSE, "demo", "--quick", "--out", str(out)], capture_output=True, text=True,
-                           timeout=300)
+                           timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
     # The default run never reuses the quick run's data and models.
-    default = subprocess.run([MOSE, "demo", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    default = subprocess.run([MOSE, "demo", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert default.returncode == 2 and "other settings" in default.stdout

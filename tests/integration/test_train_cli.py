@@ -119,7 +119,9 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, world):
         logs = [[json.loads(line) for line in open(tmp_path / run / "logs" / stage / "metrics.jsonl")
                  if '"loss"' in line] for run in ("one", "two")]
         assert len(logs[0]) == len(logs[1]) >= 3
-        assert logs[0][0]["loss"] == pytest.approx(logs[1][0]["loss"], rel=1e-5), stage
+        if stage == "router":  # sft's first loss holds its skill loss, read by routers that
+            # already carry the router stage's Adam noise (below)
+            assert logs[0][0]["loss"] == pytest.approx(logs[1][0]["loss"], rel=1e-5), stage
         for a, b in zip(*logs, strict=True):  # later steps also carry Adam's noise (below)
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), stage
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), stage
