@@ -114,19 +114,15 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, world):
     summary = json.loads((tmp_path / "two" / "train_results.json").read_text())
     assert summary["world_size"] == 2
     for stage in ("router", "sft"):
-        # Same samples per step and the same loss normalisation: the same losses and gradient
-        # norms, up to float noise (each process pads its micro-batch to its own longest sample).
+        # Same samples per step and the same loss normalisation (the skill loss too, carried by
+        # answer tokens): the same losses, gradient norms and weights, up to float noise (each
+        # process pads its micro-batch to its own longest sample).
         logs = [[json.loads(line) for line in open(tmp_path / run / "logs" / stage / "metrics.jsonl")
                  if '"loss"' in line] for run in ("one", "two")]
         assert len(logs[0]) == len(logs[1]) >= 3
-        if stage == "router":  # sft's first loss holds its skill loss, read by routers that
-            # already carry the router stage's Adam noise (below)
-            assert logs[0][0]["loss"] == pytest.approx(logs[1][0]["loss"], rel=1e-5), stage
-        for a, b in zip(*logs, strict=True):  # later steps also carry Adam's noise (below)
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), stage
-            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), stage
-        # Adam turns float noise in near-zero gradients into steps of size lr, so weights
-        # agree to within the learning rate (1e-3) rather than to float precision.
+        for a, b in zip(*logs, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), stage
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), stage
         expected, got = weights(tmp_path / "one", stage), weights(tmp_path / "two", stage)
         for name in expected:
-            assert torch.allclose(expected[name], got[name], atol=2e-3), (stage, name)
+            assert torch.allclose(expected[name], got[name], atol=1e-4), (stage, name)

@@ -141,6 +141,25 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, world):
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4), name
 
 
+def test_answer_loss_sums_the_same_however_the_batch_is_split(tiny, world):
+    """The loop divides the objective's sum by the global answer-token count; for data-parallel
+    runs to equal one process, the sum (skill loss included) must add up over any split."""
+    from mose.data import read_jsonl
+    from mose.data.collate import Collator, EncodedDataset, SampleEncoder
+    from mose.train.stages import answer_objective
+
+    model, processor = tiny("qwen2_vl")
+    mose.convert(model, mose.MoSEConfig(taxonomy="driving"))
+    samples = list(read_jsonl(world))[:6]
+    sharpen_routers(model, spread=prompt_batch(processor, samples))
+    items = EncodedDataset(samples, SampleEncoder(processor, model.mose_config.taxonomy)).items
+    collate, objective = Collator(processor.tokenizer.pad_token_id), answer_objective(model, skill_loss_weight=5.0)
+    with torch.no_grad():
+        whole = objective(model, collate(items))
+        split = objective(model, collate(items[:1])) + objective(model, collate(items[1:]))
+    assert torch.allclose(whole, split, rtol=1e-5)
+
+
 def test_recipe_errors_name_the_key_before_any_work(tmp_path, world):
     with pytest.raises(RecipeError, match="unknown key 'stages.sft.learning_rate'"):
         recipe(tmp_path, world, {"convert": {"mose": {}}, "sft": {"learning_rate": 1}})

@@ -7,18 +7,19 @@ import torch.nn.functional as F
 
 
 def skill_routing_loss(router_logits: dict[int, torch.Tensor], level_of_layer: dict[int, int],
-                       skill_labels: torch.Tensor) -> torch.Tensor:
-    """Mean over MoSE layers of the cross-entropy between router scores and skill labels.
+                       skill_labels: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """Mean over MoSE layers of the cross-entropy between router scores and skill labels:
+    one value per sample, shape (B,), with `per_sample`, else their mean.
 
     router_logits: layer → (B, S_level); skill_labels: (B, L).
     """
     if not router_logits:
         raise RuntimeError("no router logits recorded in this forward pass")
-    losses = [
-        F.cross_entropy(logits.float(), skill_labels[:, level_of_layer[layer]])
+    losses = torch.stack([
+        F.cross_entropy(logits.float(), skill_labels[:, level_of_layer[layer]], reduction="none")
         for layer, logits in router_logits.items()
-    ]
-    return torch.stack(losses).mean()
+    ]).mean(0)  # (B,)
+    return losses if per_sample else losses.mean()
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor,

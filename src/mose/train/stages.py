@@ -78,7 +78,10 @@ def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_f
                                ignore_index=IGNORE, reduction="sum")
         tokens = (labels != IGNORE).sum()
         if skill_loss_weight:
-            loss = loss + skill_loss_weight * tokens * detached_skill_loss(model, batch["skill_labels"])
+            # Each answer token carries its sample's skill loss, so the loop's division by the
+            # global token count gives the same loss however the batch is split over processes.
+            per_sample = detached_skill_loss(model, batch["skill_labels"], per_sample=True)  # (B,)
+            loss = loss + skill_loss_weight * ((labels != IGNORE).sum(1) * per_sample).sum()
         if aux_loss_coef and out.get("aux_loss") is not None:
             loss = loss + aux_loss_coef * tokens * out["aux_loss"]
         return loss
@@ -86,13 +89,13 @@ def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_f
     return objective
 
 
-def detached_skill_loss(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+def detached_skill_loss(model: nn.Module, labels: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
     """The routers' skill loss on the pooled inputs they read, detached: it trains the
     routers only, never (through those inputs) the experts below them."""
     pooled = model.mose_state.router_inputs
     logits = {b.layer_idx: b.router(pooled[b.layer_idx].detach())  # (B, S) each
               for b in expert_blocks(model) if isinstance(b, MoSEBlock)}
-    return skill_routing_loss(logits, model.level_of_layer, labels)
+    return skill_routing_loss(logits, model.level_of_layer, labels, per_sample)
 
 
 def router_objective(model: nn.Module) -> Objective:
@@ -105,7 +108,7 @@ def router_objective(model: nn.Module) -> Objective:
         # will have once the routers before it choose right.
         with torch.no_grad(), model.routing_only():
             model(**inputs, skill_labels=labels)
-        return detached_skill_loss(model, labels) * labels.shape[0]
+        return detached_skill_loss(model, labels, per_sample=True).sum()
 
     return objective
 
