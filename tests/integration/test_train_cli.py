@@ -88,7 +88,9 @@ def test_sigkill_mid_stage_then_resume_ends_with_the_uninterrupted_weights(tmp_p
 
 
 def test_ctrl_c_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path, world):
-    recipe = write_recipe(tmp_path / "r.yaml", world, tmp_path / "run", sft_steps=200)
+    # Far more steps than it runs: the interrupt lands mid-stage even when this process, starved
+    # of CPU by the run's OpenMP threads, first sees a checkpoint long after it was written.
+    recipe = write_recipe(tmp_path / "r.yaml", world, tmp_path / "run", sft_steps=20_000)
     proc = mose_train(recipe)
     kill_after_checkpoint(proc, tmp_path / "run" / ".resume" / "sft", 2, signal.SIGINT)
     output = proc.communicate(timeout=120)[0]

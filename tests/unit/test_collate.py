@@ -94,7 +94,7 @@ def test_an_encoding_cache_is_reused_per_file_and_settings_and_labels_follow_the
     write_jsonl(source, robot_samples[::-1])  # rewritten: another file
     EncodedDataset(robot_samples, plain, cache=cache(source, plain, True))
     assert len(calls) == 3 * len(robot_samples)
-    # Records that share an id are never shared through the cache.
+    # Records that share an id but not their content are never shared through the cache.
     twins = [robot_samples[0], replace(robot_samples[1], id=robot_samples[0].id)]
     items = EncodedDataset(twins, plain, cache=cache(source, plain, True)).items
     assert not torch.equal(items[0]["pixel_values"], items[1]["pixel_values"])  # their own images

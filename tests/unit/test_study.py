@@ -10,7 +10,7 @@ import yaml
 from mose.study import StudyError, load_study, study_from_dict
 from mose.study.methods import method_stages
 from mose.study.run import planned_data, pretrain_recipe
-from mose.study.runs import RunSpec, plan_runs, run_recipe
+from mose.study.runs import RunSpec, plan_runs, run_recipe, run_settings
 from mose.study.summary import data_size_table, fmt, headline, main_table, skill_data_table
 from mose.train.recipe import recipe_from_dict
 
@@ -48,10 +48,16 @@ def test_real_benchmark_study_configs_load(name, monkeypatch):
     ({"world": None}, "exactly one of 'world'"),
     ({"data": {"train": "a.jsonl", "test": "b.jsonl"}}, "exactly one of 'world'"),
     ({"pretrain": None}, "and 'pretrain' options"),
-    ({"world": None, "data": {"train": "a.jsonl", "test": "b.jsonl"}}, "it needs 'world'"),
+    ({"world": None, "data": {"train": "a.jsonl", "test": "b.jsonl"}, "score": "robo2vlm"},
+     "it needs 'world'"),
+    ({"world": None, "data": {"train": "a.jsonl", "test": "b.jsonl"}}, "'data' needs 'score'"),
+    ({"model": "/models/qwen2-vl"}, "'pretrain' is for tiny models"),
+    ({"recipe": {"data": None}}, "recipe.data must be a mapping"),
+    ({"experiments": {"main": {"methods": []}}}, "experiments.main.methods is empty"),
     ({"experiments": {"skill_data": {"labelled": [10], "methods": ["moe_4x1"]}}}, "no skill routers"),
-    ({"experiments": {"skill_data": {"labelled": [0]}}}, "value is 0"),
-    ({"experiments": {"data_size": {"methods": ["mose"], "fractions": [1.5]}}}, "value is 1.5"),
+    ({"experiments": {"skill_data": {"labelled": [0]}}}, "experiments.skill_data.labelled[0] is 0"),
+    ({"experiments": {"data_size": {"methods": ["mose"], "fractions": [1.5]}}},
+     "experiments.data_size.fractions[0] is 1.5"),
     ({"world": {"domain": "driving", "test_samples": 0}}, "test_samples is 0"),
     ({"generation": {"max_new_tokens": 0}}, "max_new_tokens is 0"),
     ({"seeds": [0, 0]}, "distinct seeds"),
@@ -82,6 +88,11 @@ def test_coda_lm_needs_its_judge_before_any_training(monkeypatch):
     assert study.judge == {"judge_model": "gpt-4o-2024-05-13", "judge_base_url": "http://localhost:1/v1"}
     with pytest.raises(StudyError, match="unknown judge option"):
         config(**real, judge={"judge_model": "m", "temperature": 0})
+    # Another judge scores otherwise: a finished run is reused only under the judge it was scored by.
+    other = config(**real, judge={"judge_model": "gpt-4o-mini"})
+    spec = plan_runs(study)[0]
+    recipe = run_recipe(study, spec, planned_data(study, [spec]), "/models/qwen")
+    assert run_settings(study, recipe) != run_settings(other, recipe)
 
 
 def test_overrides_and_base(tmp_path):
@@ -113,10 +124,9 @@ def test_experiments_share_runs():
 
 def test_a_bad_finetune_option_is_found_before_any_work(tmp_path):
     from mose.study import run_study
-    from mose.train import RecipeError
 
     study = config(output_dir=str(tmp_path / "out"), finetune={"lrr": 1e-3})
-    with pytest.raises(RecipeError, match="unknown key 'stages.sft.lrr'"):
+    with pytest.raises(StudyError, match="unknown key 'finetune.lrr'"):  # the key the user wrote
         run_study(study)
     assert not (tmp_path / "out").exists()  # no data generated, nothing trained
 
@@ -175,5 +185,10 @@ def test_headlines_per_benchmark():
     assert headline("robo2vlm", {"accuracy": 47.5, "n": 4}) == {"accuracy": 47.5}
     coda = {t: {"score": 6.0, "score_x10": 60.0} for t in ("general", "region", "suggestion", "average")}
     assert list(headline("coda-lm", coda)) == ["average", "general", "region", "suggestion"]
+    # A task whose judgments all failed has no score and no average: shown as missing, never as None.
+    failed = {**coda, "region": {"score": None, "score_x10": None, "failed": 3}}
+    del failed["average"]
+    assert list(headline("coda-lm", failed)) == ["general", "suggestion"]
+    assert fmt([]) == "—"
     assert headline("world", world_scores(40.0, 30.0)) == {"overall": 40.0, "perception": 30.0,
                                                            "routing chain": 50.0}

@@ -153,7 +153,8 @@ def test_answer_loss_sums_the_same_however_the_batch_is_split(tiny, world):
     samples = list(read_jsonl(world))[:6]
     sharpen_routers(model, spread=prompt_batch(processor, samples))
     items = EncodedDataset(samples, SampleEncoder(processor, model.mose_config.taxonomy)).items
-    collate, objective = Collator(processor.tokenizer.pad_token_id), answer_objective(model, skill_loss_weight=5.0)
+    collate = Collator(processor.tokenizer.pad_token_id)
+    objective = answer_objective(model, skill_loss_weight=5.0)
     with torch.no_grad():
         whole = objective(model, collate(items))
         split = objective(model, collate(items[:1])) + objective(model, collate(items[1:]))

@@ -82,6 +82,10 @@ class SampleEncoder:
         except ValueError as error:
             raise DataError(self.source, sample.id, "skills", str(error)) from None
 
+    def content(self, sample: Sample, with_answer: bool = True) -> tuple:
+        """All of a sample that `encode` reads: samples with equal content encode alike."""
+        return tuple(sample.images), prompt_text(sample), target_text(sample) if with_answer else None
+
     def encode(self, sample: Sample, with_answer: bool = True) -> dict[str, torch.Tensor]:
         """Token ids, labels and image tensors (no skill labels)."""
         content: Any
@@ -125,23 +129,24 @@ class SampleEncoder:
 class EncodedDataset(torch.utils.data.Dataset):
     """Samples encoded once up front (with a progress bar), reused every epoch.
 
-    `cache` (sample id → item without skill labels, for this encoder's `settings()` and
-    `with_answer`) lends items encoded before and keeps the new ones, so runs over one file
-    encode it once.
+    `cache` (the encoder's `content()` of a sample → its item without skill labels, for
+    this encoder's `settings()` and `with_answer`) lends items encoded before and keeps the
+    new ones, so runs over one file encode it once.
     """
 
     def __init__(self, samples: Sequence[Sample], encoder: SampleEncoder, with_answer: bool = True,
-                 progress: bool = False, cache: MutableMapping[str, dict] | None = None) -> None:
+                 progress: bool = False, cache: MutableMapping[tuple, dict] | None = None) -> None:
         self.samples = list(samples)
-        if cache is None or len({s.id for s in self.samples}) < len(self.samples):
-            # No cache, or ids that do not name one record each: encode every sample.
+        if cache is None:
             self.items = [encoder(s, with_answer) for s in
                           track(self.samples, description="tokenising", disable=not progress)]
             return
-        missing = [s for s in self.samples if s.id not in cache]
-        for sample in track(missing, description="tokenising", disable=not progress or not missing):
-            cache[sample.id] = encoder.encode(sample, with_answer)
-        self.items = [encoder.with_skills(cache[s.id], s) for s in self.samples]
+        keys = [encoder.content(s, with_answer) for s in self.samples]
+        missing = {k: s for k, s in zip(keys, self.samples, strict=True) if k not in cache}
+        for key, sample in track(missing.items(), description="tokenising",
+                                 disable=not progress or not missing):
+            cache[key] = encoder.encode(sample, with_answer)
+        self.items = [encoder.with_skills(cache[k], s) for k, s in zip(keys, self.samples, strict=True)]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -20,7 +20,7 @@ from mose.eval.score.common import Pair
 from mose.eval.score.world import level_of
 from mose.study import StudyResults, run_study
 from mose.study.methods import METHODS
-from mose.study.run import RESULTS_FILE
+from mose.study.run import STUDY_RESULTS_FILE
 from mose.study.runs import run_dir
 
 LEVELS = ("perception", "prediction", "planning")
@@ -36,10 +36,10 @@ def run_demo(out: str | Path, settings: DemoSettings) -> dict[str, Any]:
     methods = {method: _row(study, method) for method in DEMO_METHODS}
     results = {"methods": methods, "settings": settings.to_dict(), "routing": _routing(study),
                "seconds": round(time.perf_counter() - begin, 1)}
-    # The study's results (tables, every run) stay in the file, under the demo's own keys.
-    path = out / RESULTS_FILE
+    # The study's results (tables, every run) stay in the file, beside the demo's own keys.
+    path = out / STUDY_RESULTS_FILE
     with atomic_path(path) as temp:
-        temp.write_text(json.dumps({**results, **json.loads(path.read_text())}, indent=2,
+        temp.write_text(json.dumps({**json.loads(path.read_text()), **results}, indent=2,
                                    ensure_ascii=False) + "\n")
     if not console.is_terminal:  # a log file: room for every column
         console.width = max(console.width, 120)
@@ -58,7 +58,8 @@ def _claim(out: Path, settings: DemoSettings) -> None:
         raise ValueError(f"{out} holds a demo run with other settings ({path}; --quick and the default "
                          "differ): choose another --out or delete that folder")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
 
 
 def _run(study: StudyResults, method: str) -> tuple[dict[str, Any], Path]:

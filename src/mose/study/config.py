@@ -38,11 +38,6 @@ class StudyError(RecipeError):
 
 
 @dataclass
-class _Value:  # one list item, range-checked like a field
-    value: float
-
-
-@dataclass
 class WorldOptions:
     """The procedural world, generated in three disjoint splits."""
 
@@ -79,8 +74,9 @@ class DataSizeExperiment:
     fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
 
     def __post_init__(self) -> None:
-        for fraction in self.fractions:
-            check_range(_Value(fraction), value=(0.0, 1.0, False))
+        for i, fraction in enumerate(self.fractions):
+            if not 0 < fraction <= 1:
+                raise StudyError(f"fractions[{i}] is {fraction}; it must be > 0 and <= 1")
 
 
 @dataclass
@@ -91,11 +87,12 @@ class SkillDataExperiment:
     methods: list[str] = field(default_factory=lambda: ["mose"])
 
     def __post_init__(self) -> None:
-        for size in self.labelled:
-            check_range(_Value(size), value=(1, None, True))
+        for i, size in enumerate(self.labelled):
+            if size < 1:
+                raise StudyError(f"labelled[{i}] is {size}; it must be >= 1")
         unrouted = [m for m in self.methods if m in METHODS and not METHODS[m].mose]
         if unrouted:
-            raise StudyError(f"skill_data.methods names {unrouted[0]!r}, which has no skill routers")
+            raise StudyError(f"methods names {unrouted[0]!r}, which has no skill routers")
 
 
 @dataclass
@@ -123,7 +120,7 @@ class StudyConfig:
     model: str = "tiny:qwen2_vl"
     world: WorldOptions | None = None
     data: DataFiles | None = None
-    score: str = "world"  # the scorer (`mose score`): world, robo2vlm, drivelm, coda-lm
+    score: str | None = None  # the scorer (`mose score`): world (the default with `world`), robo2vlm, ...
     judge: dict = field(default_factory=dict)  # coda-lm's judge options (judge_model, judge_base_url, ...)
     taxonomy: str | None = None  # MoSE's skills; default: the world's domain
     pretrain: dict | None = None  # backbone-stage options of the tiny model's pretraining
@@ -138,6 +135,9 @@ class StudyConfig:
         if (self.world is None) == (self.data is None):
             raise StudyError("give exactly one of 'world' (the procedural world) or 'data' "
                              "(a benchmark's train/test files)")
+        if self.score is None and self.data is not None:
+            raise StudyError("'data' needs 'score': the scorer of its benchmark (robo2vlm, drivelm, coda-lm)")
+        self.score = self.score or "world"
         if self.score not in BENCHES:
             raise StudyError(f"'score' is {self.score!r}; choose one of {', '.join(BENCHES)}")
         self._check_judge()
@@ -146,6 +146,10 @@ class StudyConfig:
         if self.is_tiny and (self.pretrain is None or self.world is None):
             raise StudyError("a tiny model starts from random weights: it needs 'world' (whose general "
                              "questions it is pretrained on) and 'pretrain' options")
+        if self.pretrain is not None and not self.is_tiny:
+            raise StudyError(f"'pretrain' is for tiny models; {self.model} is fine-tuned as it is")
+        if not isinstance(self.recipe.get("data", {}), dict):
+            raise StudyError("recipe.data must be a mapping of data options (max_length, max_pixels, ...)")
         shared = set(self.recipe) - {"mixed_precision", "dtype", "data"}
         if shared:  # the study sets the rest (model, output_dir, seed, stages) per run
             raise StudyError(f"recipe.{sorted(shared)[0]} cannot be shared by every run; "
@@ -153,6 +157,8 @@ class StudyConfig:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise StudyError("'seeds' must be a non-empty list of distinct seeds")
         for name, experiment in asdict(self.experiments).items():
+            if experiment is not None and not experiment["methods"]:
+                raise StudyError(f"experiments.{name}.methods is empty: name at least one method")
             for method in (experiment or {}).get("methods", []):
                 if method not in METHODS:
                     raise StudyError(f"experiments.{name}.methods names {method!r}; "

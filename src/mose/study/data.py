@@ -58,8 +58,10 @@ def annotate_with_rules(train: Path, out: Path) -> Annotation:
     if rules is None:
         raise ValueError(f"{train}: no shipped rule set matches these records; label them with "
                          "`mose annotate` and give the file as data.labelled")
-    labelled, _ = RuleAnnotator.load(rules).annotate([replace(s, skills=None) for s in samples])
-    if not out.is_file():
+    if out.is_file():  # labelled by an earlier run of the study: report on those labels
+        labelled = list(read_jsonl(out))
+    else:
+        labelled, _ = RuleAnnotator.load(rules).annotate([replace(s, skills=None) for s in samples])
         write_jsonl(out, labelled)
     return Annotation(rules, len(labelled), _agreement(labelled, samples))
 

@@ -13,7 +13,7 @@ from mose.arch import arch_of
 from mose.config import resolve_layers
 from mose.data import Sample
 from mose.data.schema import atomic_path
-from mose.eval.predict import predict
+from mose.eval.predict import partial_path, predict
 from mose.eval.predictions import read_predictions
 from mose.eval.score import score, write_scores
 from mose.layers.blocks import expert_blocks
@@ -73,7 +73,10 @@ def evaluate(model: Any, processor: Any, test: list[Sample], test_path: Path, ou
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
     times = json.loads(timing.read_text()) if timing.is_file() else {}
     if not predictions.is_file() or times.get("settings") != settings:
-        predictions.unlink(missing_ok=True)  # no timing, or answers generated otherwise: generate again
+        # No timing, or answers generated otherwise: generate them all again, in one timed call
+        # (answers resumed from an interrupted call would count tokens this call never timed).
+        predictions.unlink(missing_ok=True)
+        partial_path(predictions).unlink(missing_ok=True)
         report = predict(model, processor, test, predictions, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, source=str(test_path))
         tokens = answer_tokens(processor, read_predictions(predictions).values())

@@ -38,13 +38,15 @@ from mose.study.runs import (
     run_dir,
     run_recipe,
     run_settings,
+    study_recipe,
 )
 from mose.train import train
-from mose.train.recipe import Recipe, recipe_from_dict
+from mose.train.data import EncodingCache
+from mose.train.recipe import Recipe
 
 console = Console()
 SETTINGS_FILE = "study.json"  # what the folder's data and general model were made with
-RESULTS_FILE = "results.json"
+STUDY_RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -84,20 +86,20 @@ def run_study(config: StudyConfig) -> StudyResults:
         with step(f"{config.name}: pretraining a general model") as done:
             metrics = train(pretraining, resume=True)["pretrain"]
             done["line"] = f"{config.model} on {data.pretrain} → {start}{_loss(metrics)}"
-    runs = {}
+    runs, encodings = {}, EncodingCache()  # the runs train on one file: encode it once
     for i, spec in enumerate(specs, 1):
         with step(f"{config.name}: run {i}/{len(specs)} · {spec.name}") as done:
             reused = _reuse(config, spec, recipes[spec])
-            runs[spec] = reused or execute(config, spec, recipes[spec], data)
+            runs[spec] = reused or execute(config, spec, recipes[spec], data, encodings)
             done["line"] = _run_line(config, spec, runs[spec]) + (" (reused)" if reused else "")
     tables = _tables(config, runs)
     with step(f"{config.name}: report") as done:
         report = _report(config, data, runs, tables)
         results = {"name": config.name, "config": config.to_dict(), "tables": tables,
                    "runs": [runs[s] for s in specs]}
-        with atomic_path(out / RESULTS_FILE) as temp:
+        with atomic_path(out / STUDY_RESULTS_FILE) as temp:
             temp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        done["line"] = f"wrote {out / RESULTS_FILE} and {report}"
+        done["line"] = f"wrote {out / STUDY_RESULTS_FILE} and {report}"
     return StudyResults(config, data, annotation, runs, tables, report)
 
 
@@ -131,7 +133,7 @@ def prepare_data(config: StudyConfig, data: StudyData) -> Annotation | None:
 
 def pretrain_recipe(config: StudyConfig, data: StudyData) -> Recipe:
     """The tiny model's general pretraining: every weight, on the world's general questions only."""
-    return recipe_from_dict(
+    return study_recipe(
         {**config.recipe, "model": config.model, "output_dir": str(config.out / "pretrain"),
          "seed": config.world.seed, "data": {**config.recipe.get("data", {}), "train": str(data.pretrain)},
          "stages": {"pretrain": {"stage": "backbone", "trainable": "all", **config.pretrain}}},
@@ -147,7 +149,8 @@ def _claim(config: StudyConfig) -> None:
         raise StudyError(f"{config.out} holds a study made with other data or another general model "
                          f"({path}: {', '.join(keys)}); choose another output_dir or delete that folder")
     config.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _reuse(config: StudyConfig, spec: RunSpec, recipe: Recipe) -> dict[str, Any] | None:

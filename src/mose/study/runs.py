@@ -18,14 +18,15 @@ from mose.data.schema import atomic_path
 from mose.eval.analysis import expert_similarity
 from mose.layers.blocks import expert_blocks
 from mose.models.loading import load_model
-from mose.study.config import StudyConfig
+from mose.study.config import StudyConfig, StudyError
 from mose.study.data import StudyData
 from mose.study.measure import active_params, evaluate, trainable_params
 from mose.study.methods import FINAL_STAGE, METHODS, method_stages
 from mose.train import train
-from mose.train.recipe import Recipe, recipe_from_dict
+from mose.train.data import EncodingCache
+from mose.train.recipe import Recipe, RecipeError, recipe_from_dict
 
-RESULT_FILE = "result.json"
+RUN_RESULT_FILE = "result.json"
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,22 @@ def run_recipe(config: StudyConfig, spec: RunSpec, data: StudyData, start: str) 
     recipe = {**config.recipe, "model": start, "output_dir": str(run_dir(config, spec)), "seed": spec.seed,
               "data": {**config.recipe.get("data", {}), "train": str(data.train), "fraction": spec.fraction},
               "stages": stages}
-    return recipe_from_dict(recipe, source=f"{config.source}: run {spec.name}")
+    return study_recipe(recipe, source=f"{config.source}: run {spec.name}")
+
+
+# Where a study's own keys land in the recipes it writes: errors name the study's keys.
+STUDY_KEYS = {"stages.sft.": "finetune.", "stages.router.": "router.", "stages.pretrain.": "pretrain."}
+
+
+def study_recipe(data: dict[str, Any], source: str) -> Recipe:
+    """A recipe the study wrote; a bad option is reported under the study key that set it."""
+    try:
+        return recipe_from_dict(data, source=source)
+    except RecipeError as error:
+        message = str(error)
+        for recipe_key, study_key in STUDY_KEYS.items():
+            message = message.replace(recipe_key, study_key)
+        raise StudyError(message) from None
 
 
 def run_dir(config: StudyConfig, spec: RunSpec) -> Path:
@@ -91,14 +107,15 @@ def run_dir(config: StudyConfig, spec: RunSpec) -> Path:
 
 
 def load_result(config: StudyConfig, spec: RunSpec) -> dict[str, Any] | None:
-    path = run_dir(config, spec) / RESULT_FILE
+    path = run_dir(config, spec) / RUN_RESULT_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def execute(config: StudyConfig, spec: RunSpec, recipe: Recipe, data: StudyData) -> dict[str, Any]:
+def execute(config: StudyConfig, spec: RunSpec, recipe: Recipe, data: StudyData,
+            encodings: EncodingCache | None = None) -> dict[str, Any]:
     """Train (resuming what an interrupted run left), answer the test split, and measure."""
     out = run_dir(config, spec)
-    train(recipe, resume=True)
+    train(recipe, resume=True, encodings=encodings)
     model, processor = load_model(str(out / FINAL_STAGE))
     test = list(read_jsonl(data.test))
     evaluation = evaluate(model, processor, test, data.test, out / "eval", config.generation.max_new_tokens,
@@ -107,14 +124,17 @@ def execute(config: StudyConfig, spec: RunSpec, recipe: Recipe, data: StudyData)
               "trainable_params": trainable_params(model), "active_params": active_params(model),
               "total_params": sum(p.numel() for p in model.parameters()),
               "tokens_per_s": round(evaluation.tokens_per_s, 1), "expert_similarity": _similarity(model)}
-    with atomic_path(out / RESULT_FILE) as temp:
+    with atomic_path(out / RUN_RESULT_FILE) as temp:
         temp.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def run_settings(config: StudyConfig, recipe: Recipe) -> dict[str, Any]:
     """What a run's result depends on: a finished run is reused only while these stay the same."""
-    return {"recipe": recipe.to_dict(), "generation": asdict(config.generation), "score": config.score}
+    # Another judge gives other scores (its retries and workers only decide how it is asked).
+    judge = {k: v for k, v in config.judge.items() if k in ("judge_model", "judge_base_url")}
+    return {"recipe": recipe.to_dict(), "generation": asdict(config.generation), "score": config.score,
+            **({"judge": judge} if judge else {})}
 
 
 def _similarity(model: Any) -> float | None:

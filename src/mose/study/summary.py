@@ -26,9 +26,9 @@ def headline(bench: str, scores: Mapping[str, Any]) -> dict[str, float]:
         chain = scores.get("routing", {}).get("chain")
         routing = {} if chain is None else {"routing chain": chain}
         return {"overall": scores["overall"], **levels, **routing}
-    if bench == "coda-lm":
+    if bench == "coda-lm":  # a task whose judgments all failed has no score
         return {task: scores[task]["score_x10"] for task in ("average", "general", "region", "suggestion")
-                if task in scores}
+                if scores.get(task, {}).get("score_x10") is not None}
     return {"accuracy": scores["accuracy"]}  # robo2vlm, drivelm (exact match)
 
 
@@ -37,6 +37,8 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
 
 
 def fmt(values: Sequence[float], decimals: int = 1) -> str:
+    if not values:
+        return "—"
     mean, spread = mean_spread(values)
     return f"{mean:.{decimals}f} ± {spread:.{decimals}f}" if len(values) > 1 else f"{mean:.{decimals}f}"
 
@@ -75,8 +77,9 @@ def data_size_figure(config: StudyConfig, results: Results) -> bytes:
     figure = Figure(figsize=(5.2, 3.4))
     ax = figure.add_subplot()
     for method in experiment.methods:
-        points = [mean_spread(_ranking(config, results, method, f)) for f in experiment.fractions]
-        ax.errorbar(experiment.fractions, [p[0] for p in points], yerr=[p[1] for p in points],
+        points = [(f, mean_spread(values)) for f in experiment.fractions
+                  if (values := _ranking(config, results, method, f))]  # (fraction, (mean, sd))
+        ax.errorbar([f for f, _ in points], [p[0] for _, p in points], yerr=[p[1] for _, p in points],
                     marker="o", capsize=3, label=METHODS[method].label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(experiment.fractions, [f"{f:g}" for f in experiment.fractions])
@@ -115,7 +118,13 @@ def diversity_table(config: StudyConfig, results: Results) -> dict[str, dict[str
 def _ranking(config: StudyConfig, results: Results, method: str, fraction: float) -> list[float]:
     runs = _over_seeds(results, lambda s: s.method == method and s.fraction == fraction and
                        s.labelled == default_labelled(config, method))
-    return [next(iter(headline(config.score, r["scores"]).values())) for r in runs]
+    metric = RANKED_BY.get(config.score, "accuracy")
+    # A CODA-LM run without an average (a task's judgments all failed) is left out,
+    # never ranked by another metric.
+    return [row[metric] for row in (headline(config.score, r["scores"]) for r in runs) if metric in row]
+
+
+RANKED_BY = {"world": "overall", "coda-lm": "average"}  # else "accuracy"
 
 
 def _ranking_name(config: StudyConfig) -> str:

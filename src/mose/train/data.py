@@ -31,18 +31,18 @@ class RecordCache:
 
 
 class EncodingCache:
-    """Encoded samples kept across the stages and runs of one process (a study or the demo
-    trains many runs on one file), per file, encoder settings and answer/prompt-only.
+    """Encoded samples kept across the stages of a run, or the runs of a study (many runs
+    on one file), per file, encoder settings and answer/prompt-only.
 
     Only the `keep` most recently used sets stay: items hold their images' pixels.
     """
 
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
-        self._sets: OrderedDict[tuple, dict[str, dict]] = OrderedDict()
+        self._sets: OrderedDict[tuple, dict[tuple, dict]] = OrderedDict()
 
-    def __call__(self, source: str | Path, encoder: SampleEncoder, with_answer: bool) -> dict[str, dict]:
-        """The set (sample id → item) for records of `source` encoded this way."""
+    def __call__(self, source: str | Path, encoder: SampleEncoder, with_answer: bool) -> dict[tuple, dict]:
+        """The set (a sample's content → its item) for records of `source` encoded this way."""
         path = Path(source).resolve()
         stat = path.stat()  # an atomic rewrite changes the inode, an edit the size or time
         key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, encoder.settings(), with_answer)
@@ -52,9 +52,6 @@ class EncodingCache:
                 self._sets.popitem(last=False)
         self._sets.move_to_end(key)
         return self._sets[key]
-
-
-ENCODINGS = EncodingCache()
 
 
 def subset(samples: Sequence[Sample], size: int, seed: int) -> list[Sample]:

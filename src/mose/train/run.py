@@ -26,10 +26,11 @@ from transformers.utils import logging as transformers_logging
 from mose.convert import convert
 from mose.data import Sample
 from mose.data.collate import Collator, EncodedDataset, SampleEncoder
+from mose.data.schema import atomic_path
 from mose.models.loading import is_converted, load_model, model_type_of
 from mose.skills.taxonomy import Taxonomy
 from mose.train.checkpoint import RECIPE_FILE, is_complete, save_model
-from mose.train.data import ENCODINGS, RecordCache, fraction_of, labelled_split
+from mose.train.data import EncodingCache, RecordCache, fraction_of, labelled_split
 from mose.train.loop import LoopContext, train_stage
 from mose.train.recipe import BackboneStage, ConvertStage, Recipe, RecipeError, RouterStage, SFTStage
 from mose.train.stages import backbone_plan, router_plan, sft_plan
@@ -46,8 +47,13 @@ class StageData:
     source: str
 
 
-def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Run the recipe; per stage, its output directory and last metrics."""
+def train(recipe: Recipe, resume: bool = False, progress: bool = True,
+          encodings: EncodingCache | None = None) -> dict[str, dict[str, Any]]:
+    """Run the recipe; per stage, its output directory and last metrics.
+
+    `encodings` keeps encoded samples for later calls (a study's runs share one);
+    without it they are kept for this call's stages only.
+    """
     data = check_recipe(recipe)
     transformers_logging.disable_progress_bar()  # our own bars say what is happening
     out = Path(recipe.output_dir)
@@ -67,6 +73,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         console.print(f"all stages of {recipe.source} are finished in {out}")
         return results
     accelerator = make_accelerator(recipe.mixed_precision)
+    encodings = encodings if encodings is not None else EncodingCache()
     set_seed(recipe.seed)
     start_from = recipe.model if first == 0 else str(out / names[first - 1])
     model, processor = load_model(start_from, seed=recipe.seed, dtype=DTYPES[recipe.dtype])
@@ -82,7 +89,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
             convert(model, stage.config())
         else:
             metrics, state_dict = _run_training(model, processor, recipe, name, stage, data[name],
-                                                accelerator, resume, progress)
+                                                accelerator, resume, progress, encodings)
         if accelerator.is_main_process:
             save_model(model, processor, out / name, {**recipe.to_dict(), "finished_stage": name},
                        state_dict)
@@ -94,7 +101,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
                           " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     if accelerator.is_main_process:
         summary = {"world_size": accelerator.num_processes, "stages": results}
-        (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        with atomic_path(out / RESULTS_FILE) as temp:
+            temp.write_text(json.dumps(summary, indent=2) + "\n")
     return results
 
 
@@ -140,15 +148,15 @@ def cap_image_pixels(processor: Any, max_pixels: int) -> None:
 
 
 def _run_training(model, processor, recipe: Recipe, name: str, stage, data: StageData,
-                  accelerator: Accelerator, resume: bool,
-                  progress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+                  accelerator: Accelerator, resume: bool, progress: bool,
+                  encodings: EncodingCache) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     taxonomy = getattr(getattr(model, "mose_config", None), "taxonomy", None)
     encoder = SampleEncoder(processor, taxonomy, recipe.data.max_length, source=data.source)
     collator = Collator(getattr(processor, "tokenizer", processor).pad_token_id, padding_side="right")
     show = progress and accelerator.is_main_process
     with_answer = not isinstance(stage, RouterStage)
     dataset = EncodedDataset(data.train, encoder, with_answer, progress=show,
-                             cache=ENCODINGS(data.source, encoder, with_answer))
+                             cache=encodings(data.source, encoder, with_answer))
     if isinstance(stage, BackboneStage):
         plan = backbone_plan(name, model, stage, dataset)
     elif isinstance(stage, SFTStage):
