@@ -11,7 +11,7 @@ skill labels reach the model) and the chosen skill chains are compared with
 the labels: per level the skill counts, the accuracy and a confusion matrix,
 and how often the whole chain equals the labelled one.
 
-    path = analyze("runs/demo/sft", "runs/analysis", compare_dir="runs/moe/sft",
+    path = analyze("runs/train/mose/sft", "runs/analysis", compare_dir="runs/moe/sft",
                    data="runs/world/test.jsonl", predictions="runs/pred.jsonl",
                    scores=["runs/scores.json"])
 """
