@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -17,6 +18,13 @@ app.add_typer(world_app, name="world")
 data_app = typer.Typer(help="Benchmark data in its public formats.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
+
+
+@app.callback()
+def _quiet_hub_bars() -> None:
+    """mose's own bars say what is happening: transformers' per-load "Loading weights" bars
+    (read from this variable when transformers is imported) stay off unless the user sets it."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def fail(error: Exception) -> None:
