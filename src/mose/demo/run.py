@@ -31,7 +31,6 @@ def run_demo(out: str | Path, settings: DemoSettings) -> dict[str, Any]:
     """Run every step (finished ones are reused) and write OUT/results.json and OUT/report.html."""
     out = Path(out)
     begin = time.perf_counter()
-    _claim(out, settings)
     study = run_study(settings.study(out))
     methods = {method: _row(study, method) for method in DEMO_METHODS}
     results = {"methods": methods, "settings": settings.to_dict(), "routing": _routing(study),
@@ -49,17 +48,6 @@ def run_demo(out: str | Path, settings: DemoSettings) -> dict[str, Any]:
     show_answers(test, answers)
     console.print(f"wrote {path} and {study.report} in {time.perf_counter() - begin:.0f} s")
     return results
-
-
-def _claim(out: Path, settings: DemoSettings) -> None:
-    """Reuse only a run of the same settings: data, models and answers all depend on them."""
-    path = out / "settings.json"
-    if path.is_file() and json.loads(path.read_text()) != settings.to_dict():
-        raise ValueError(f"{out} holds a demo run with other settings ({path}; --quick and the default "
-                         "differ): choose another --out or delete that folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temp:
-        temp.write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
 
 
 def _run(study: StudyResults, method: str) -> tuple[dict[str, Any], Path]:
