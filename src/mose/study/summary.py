@@ -111,8 +111,12 @@ def diversity_table(config: StudyConfig, results: Results) -> dict[str, dict[str
     for method in config.experiments.diversity.methods:
         runs = _over_seeds(results, lambda s, m=method: _is_main(config, s, m))
         values = [r["expert_similarity"] for r in runs if r["expert_similarity"] is not None]
-        table[METHODS[method].label] = {"expert similarity": fmt(values, 4) if values else None}
+        table[METHODS[method].label] = {"expert similarity": fmt(values, 4)}  # "—": no routed experts
     return table
+
+
+# The metric a study ranks runs by, per scorer: the data-size table and figure show it.
+RANKED_BY = {"world": "overall", "coda-lm": "average"}  # else "accuracy"
 
 
 def _ranking(config: StudyConfig, results: Results, method: str, fraction: float) -> list[float]:
@@ -122,9 +126,6 @@ def _ranking(config: StudyConfig, results: Results, method: str, fraction: float
     # A CODA-LM run without an average (a task's judgments all failed) is left out,
     # never ranked by another metric.
     return [row[metric] for row in (headline(config.score, r["scores"]) for r in runs) if metric in row]
-
-
-RANKED_BY = {"world": "overall", "coda-lm": "average"}  # else "accuracy"
 
 
 def _ranking_name(config: StudyConfig) -> str:

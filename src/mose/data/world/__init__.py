@@ -79,7 +79,7 @@ def generate(domain: str, n: int, seed: int, out: str | Path, split: str = "trai
         for i in track(indices, description=f"{domain} {split}", disable=not progress):
             name = f"{split}_{i:06d}.png"
             sample, image = module.make_sample(sample_rng(seed, split, i), f"world/{domain}/{split}/{i}",
-                                               f"images/{name}", weights)
+                                               f"images/{name}", kinds)
             image.save(images / name)
             yield sample
 

@@ -58,7 +58,7 @@ PLANS = {"keep": "keep lane", "yield": "slow down and yield", "stop": "stop",
 QUESTION_KINDS = ("region", "identify", "motion", "enter_lane", "plan")
 # Drawn after the benchmark's kinds: at weight 0 the draw over those is what it was without them.
 GENERAL_KINDS = ("describe", "locate", "exists", "count", "locate_box", "color_box", "color_lane", "repeat")
-DEFAULT_WEIGHTS = dict.fromkeys(GENERAL_KINDS, 0.0)  # user weights are merged over these
+DEFAULT_WEIGHTS = dict.fromkeys(GENERAL_KINDS, 0.0)  # `generate` merges user weights over these
 # One colour per category, none shared with the road, grass, markings, the ego car (blue) or the
 # red rectangle of region questions: a category is told by its colour and shape alone.
 COLORS = {"car": "#ee2", "truck": "#f80", "pedestrian": "#f6c", "cyclist": "#90f",
@@ -256,7 +256,7 @@ def _general_question(rng: random.Random, kind: str,
 
 def make_sample(rng: random.Random, sample_id: str, image_path: str,
                 weights: Mapping[str, float]) -> tuple[Sample, Image.Image]:
-    weights = {**DEFAULT_WEIGHTS, **weights}
+    """One sample; `weights` holds the domain's defaults merged under the user's (`generate`)."""
     key = _key_thing(rng, weights)
     things = [key, *_background(rng, key)]
     kind = weighted(rng, QUESTION_KINDS + GENERAL_KINDS, weights)

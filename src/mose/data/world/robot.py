@@ -30,7 +30,7 @@ QUESTION_KINDS = ("gripper_open", "object_color", "closest", "task_success", "gr
                   "graspable", "next_move", "place_move", "trajectory")
 # Drawn after the benchmark's kinds: at weight 0 the draw over those is what it was without them.
 GENERAL_KINDS = ("describe", "locate", "exists", "count")
-DEFAULT_WEIGHTS = dict.fromkeys(GENERAL_KINDS, 0.0)  # user weights are merged over these
+DEFAULT_WEIGHTS = dict.fromkeys(GENERAL_KINDS, 0.0)  # `generate` merges user weights over these
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 # question kind → (task, {level: skill}) — the ground truth the rules must recover
 SKILLS = {
@@ -219,7 +219,7 @@ def _benchmark(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, l
 def make_sample(rng: random.Random, sample_id: str, image_path: str,
                 weights: Mapping[str, float]) -> tuple[Sample, Image.Image]:
     scene = _scene(rng)
-    kind = weighted(rng, QUESTION_KINDS + GENERAL_KINDS, {**DEFAULT_WEIGHTS, **weights})
+    kind = weighted(rng, QUESTION_KINDS + GENERAL_KINDS, weights)  # defaults merged in by `generate`
     if kind in GENERAL_KINDS:
         question, answer, options = _general(rng, scene, kind)
         choices, correct = multiple_choice(rng, answer, options, len(options)) if options else (None, None)
