@@ -31,8 +31,9 @@ from mose.layers import expert_blocks
 from mose.train.data import BatchOrder
 from mose.train.loop import LoopContext, StagePlan, adamw, freeze_all_but, train_stage
 from mose.train.recipe import BackboneStage, SFTStage
+from mose.train.router_fit import PooledInputs, pooled_skill_loss
 from mose.train.run import make_accelerator
-from mose.train.stages import answer_objective, backbone_plan, router_objective, sft_plan
+from mose.train.stages import answer_objective, backbone_plan, sft_plan
 
 
 def shape(full: bool) -> dict[str, int]:
@@ -75,6 +76,24 @@ def step_fn(model, objective, batch, lr=1e-4):
     return step, params
 
 
+def router_stage_batch(model):
+    """What the router stage spends on a batch in its first epoch: the pooling forward (no_grad,
+    routes forced, stopped at the last router) and the skill loss on the pooled inputs; later
+    epochs reuse the pooled inputs and pay for the loss alone."""
+    blocks = expert_blocks(model)
+    routers = {b.layer_idx: b.router for b in blocks}
+    levels = {b.layer_idx: b.level for b in blocks}
+
+    def objective(_model, batch):
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "skill_labels")}
+        with torch.no_grad(), model.routing_only():
+            model(**inputs, skill_labels=batch["skill_labels"])
+        pooled = PooledInputs(dict(model.mose_state.router_inputs), batch["skill_labels"])
+        return pooled_skill_loss(routers, levels, pooled)
+
+    return objective
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--full", action="store_true", help="Qwen2-VL-2B's language model shape")
@@ -101,7 +120,7 @@ def main() -> None:
     freeze_all_but(token_moe, sft_plan("sft", token_moe, SFTStage(), dataset).trainable)
     freeze_all_but(router_model, [b.router for b in expert_blocks(router_model)])
 
-    router_step, router_params = step_fn(router_model, router_objective(router_model), batch, lr=1e-3)
+    router_step, router_params = step_fn(router_model, router_stage_batch(router_model), batch, lr=1e-3)
     dense_step, dense_params = step_fn(dense, answer_objective(dense), batch)
     moe_step, moe_params = step_fn(moe, answer_objective(moe), batch)
     token_step, token_params = step_fn(token_moe, answer_objective(token_moe, aux_loss_coef=0.01), batch)

@@ -91,7 +91,7 @@ def test_parameter_counts_match_the_design(tiny):
     for cfg, experts_per_layer in [(mose.MoSEConfig(), 5), (mose.MoSEConfig(modality_groups=True), 10)]:
         converted = mose.convert(copy.deepcopy(model), cfg)
         added = sum(p.numel() for p in converted.parameters()) - dense
-        routers = 3 * 5 * 128  # driving: 5 skills per level, hidden 128
+        routers = 3 * 5 * (128 + 1)  # driving: 5 skills per level, hidden 128, a bias per skill
         assert added == 3 * experts_per_layer * ffn + routers  # shared replaces the FFN
 
 

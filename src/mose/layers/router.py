@@ -11,20 +11,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mose.probe import Standardiser
+
 ROUTER_INIT_STD = 0.02
 
 
 class Router(nn.Module):
-    """Scores experts (or skills) from a (..., H) input: a bias-free linear layer."""
+    """Scores experts (or skills) from a (..., H) input: a linear layer on the standardised input.
+
+    The mean hidden state a MoSE router reads is dominated by a component every
+    sample shares (per-feature spread across samples ~1% of its norm on a tiny
+    Qwen2-VL), so a linear scorer of the raw input is badly conditioned and
+    AdamW barely leaves uniform routing. `input_mean` and `input_scale` are
+    fitted on the router stage's labelled inputs (`fit_standardisation`) and
+    saved with the model; until then they are the identity (the token-MoE
+    baseline keeps it). The router computes in float32 whatever the autocast
+    state: skill probabilities and the skill loss come from unrounded logits.
+    """
 
     def __init__(self, hidden_size: int, num_choices: int, dtype: torch.dtype | None = None,
                  device: torch.device | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_choices, hidden_size, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(num_choices, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=ROUTER_INIT_STD)
+        self.register_buffer("input_mean", torch.zeros(hidden_size, dtype=torch.float32, device=device))
+        self.register_buffer("input_scale", torch.ones(hidden_size, dtype=torch.float32, device=device))
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.input_mean.float()) / self.input_scale.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x.to(self.weight.dtype), self.weight)
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.linear(self.standardise(x), self.weight.float(), self.bias.float())
+
+    @torch.no_grad()
+    def fit_standardisation(self, inputs: torch.Tensor) -> None:
+        """Set the standardisation from the inputs this router will read, (N, H)."""
+        fitted = Standardiser.fit(inputs)
+        self.input_mean.copy_(fitted.mean)
+        self.input_scale.copy_(fitted.scale)
 
 
 def top_k(logits: torch.Tensor, k: int,

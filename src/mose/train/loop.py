@@ -44,8 +44,6 @@ class StagePlan:
     trainable: list[nn.Module]  # modules whose parameters train; everything else is frozen
     objective: Objective
     frozen: list[nn.Module] = field(default_factory=list)  # parts of those that stay frozen
-    distribute: bool = True  # wrap the model for DDP/FSDP/DeepSpeed; False: all-reduce gradients here
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # held-out metrics, logged
     metrics: dict[str, float] = field(default_factory=dict)  # filled by the loop: the last logged values
 
 
@@ -84,8 +82,8 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
     (the model's own parameters are then partitioned), else None.
     """
     acc, opts = ctx.accelerator, plan.options
-    sharded = plan.distribute and acc.distributed_type in SHARDED
-    if plan.distribute and acc.distributed_type == DistributedType.DEEPSPEED and opts.grad_accum > 1:
+    sharded = acc.distributed_type in SHARDED
+    if acc.distributed_type == DistributedType.DEEPSPEED and opts.grad_accum > 1:
         # The DeepSpeed engine steps at every backward unless it accumulates itself.
         raise ValueError(f"stage {plan.name!r}: under DeepSpeed set grad_accum 1 and raise "
                          "batch_size (or the number of processes) instead")
@@ -104,8 +102,8 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
     if opts.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
-    runner, optimizer = acc.prepare(model, optimizer) if plan.distribute else (model, optimizer)
-    logger = _Logger(ctx, plan.name, total, start)
+    runner, optimizer = acc.prepare(model, optimizer)
+    logger = StageLogger(ctx, plan.name, total, start)
     try:
         for step in range(start, total):
             batches = [ctx.collator([plan.dataset[i] for i in rows])
@@ -121,8 +119,6 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
             # Resume states hold whole trainable tensors, which sharded runs do not have.
             if opts.save_every and done % opts.save_every == 0 and done < total and not sharded:
                 _save_resume(acc, fingerprint, named, optimizer, scheduler, ctx.resume_dir, done)
-        if plan.evaluate is not None:
-            logger.write(total, plan.evaluate(acc.unwrap_model(runner)))
     finally:
         logger.close()
         if opts.grad_checkpointing:
@@ -145,7 +141,7 @@ def _step(runner: nn.Module, plan: StagePlan, batches: list[dict[str, torch.Tens
           optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
           acc: Accelerator) -> tuple[float, float]:
     """One optimizer step over the micro-batches: (mean loss over all processes, gradient norm)."""
-    items = sum(_items(plan, b) for b in batches)
+    items = sum(_items(b) for b in batches)
     global_items = acc.reduce(torch.tensor(float(items), device=acc.device), "sum").item()
     # The process-mean of gradients (DDP) times `world` makes the sum over all items.
     scale = acc.num_processes / max(global_items, 1.0)
@@ -153,34 +149,22 @@ def _step(runner: nn.Module, plan: StagePlan, batches: list[dict[str, torch.Tens
     for i, batch in enumerate(batches):
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         last = i == len(batches) - 1
-        sync = nullcontext() if last or not plan.distribute else acc.no_sync(runner)
+        sync = nullcontext() if last else acc.no_sync(runner)
         with sync:
             with acc.autocast():
                 loss_sum = plan.objective(runner, batch)
-            if plan.distribute:
-                acc.backward(loss_sum * scale)
-            else:
-                (loss_sum * scale).backward()
+            acc.backward(loss_sum * scale)
         total += loss_sum.item()
-    if not plan.distribute and acc.num_processes > 1:
-        for p in params:  # the router stage: tiny parameters, all-reduced here
-            if p.grad is not None:
-                p.grad = acc.reduce(p.grad, "mean")
     max_norm = plan.options.max_grad_norm or math.inf  # inf: measure, do not clip
-    if plan.distribute:
-        grad_norm = acc.clip_grad_norm_(params, max_norm)  # unscales fp16, knows FSDP shards
-    else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = acc.clip_grad_norm_(params, max_norm)  # unscales fp16, knows FSDP shards
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = acc.reduce(torch.tensor(total, device=acc.device), "sum").item() / max(global_items, 1.0)
     return loss, math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed clips itself
 
 
-def _items(plan: StagePlan, batch: dict[str, torch.Tensor]) -> float:
-    """What the stage's loss averages over: answer tokens, or samples for the router stage."""
-    if plan.options.stage == "router":
-        return float(batch["input_ids"].shape[0])
+def _items(batch: dict[str, torch.Tensor]) -> float:
+    """What the stage's loss averages over: answer tokens."""
     return float((batch["labels"][:, 1:] != -100).sum())
 
 
@@ -220,7 +204,7 @@ def _metrics_from(path: Path, start: int):
     return path.open("a")
 
 
-class _Logger:
+class StageLogger:
     """Progress bar with loss and samples/s; TensorBoard and metrics.jsonl on the main process."""
 
     def __init__(self, ctx: LoopContext, name: str, total: int, start: int) -> None:

@@ -89,12 +89,23 @@ class BackboneStage(TrainOptions):
 
 @dataclass
 class RouterStage(TrainOptions):
-    """Router pretraining on skill labels; everything else frozen, no backward through it."""
+    """Router pretraining on skill labels, on the pooled inputs of one frozen forward
+    (`mose.train.router_fit`): `epochs` / `max_steps` bound the fit, which keeps the epoch
+    best on the held-out split and stops after `patience` epochs without a better one."""
 
     stage: Literal["router"] = "router"
-    lr: float = 1e-3
+    epochs: float = 200.0
+    batch_size: int = 16
+    lr: float = 1e-2
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
+    warmup_ratio: float = 0.0
     labelled: int | None = None  # skill-labelled samples to learn from (None: all there are)
     eval_size: int = 200  # held out from the labelled pool when data.eval is not given
+    patience: int = 20  # epochs without a better held-out score before the fit stops
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, eval_size=(1, None, True), patience=(1, None, True))
 
 
 @dataclass
@@ -104,7 +115,9 @@ class SFTStage(TrainOptions):
     stage: Literal["sft"] = "sft"
     skill_loss_weight: float = 0.0  # keep the routers' skill loss as an auxiliary term
     teacher_forcing: bool = False  # route by the samples' skill labels instead of the routers
-    train_routers: bool = True
+    # None: the token MoE's routers train, MoSE's only with skill_loss_weight (else they stay
+    # as the router stage fitted them)
+    train_routers: bool | None = None
 
 
 @dataclass

@@ -33,7 +33,8 @@ from mose.train.checkpoint import RECIPE_FILE, is_complete, save_model
 from mose.train.data import EncodingCache, RecordCache, fraction_of, labelled_split
 from mose.train.loop import LoopContext, train_stage
 from mose.train.recipe import BackboneStage, ConvertStage, Recipe, RecipeError, RouterStage, SFTStage
-from mose.train.stages import backbone_plan, router_plan, sft_plan
+from mose.train.router_fit import fit_routers
+from mose.train.stages import backbone_plan, sft_plan
 
 console = Console(stderr=True)
 RESULTS_FILE = "train_results.json"
@@ -157,16 +158,13 @@ def _run_training(model, processor, recipe: Recipe, name: str, stage, data: Stag
     with_answer = not isinstance(stage, RouterStage)
     dataset = EncodedDataset(data.train, encoder, with_answer, progress=show,
                              cache=encodings(data.source, encoder, with_answer))
-    if isinstance(stage, BackboneStage):
-        plan = backbone_plan(name, model, stage, dataset)
-    elif isinstance(stage, SFTStage):
-        plan = sft_plan(name, model, stage, dataset)
-    else:
-        held_out = EncodedDataset(data.held_out, encoder, with_answer=False)
-        plan = router_plan(name, model, stage, dataset, held_out, collator)
     out = Path(recipe.output_dir)
     ctx = LoopContext(accelerator, collator, recipe.seed, resume_dir=out / ".resume" / name,
                       log_dir=out / "logs" / name, progress=progress)
+    if isinstance(stage, RouterStage):
+        held_out = EncodedDataset(data.held_out, encoder, with_answer=False)
+        return fit_routers(model, name, stage, dataset, held_out, ctx), None
+    plan = (backbone_plan if isinstance(stage, BackboneStage) else sft_plan)(name, model, stage, dataset)
     state_dict = train_stage(model, plan, ctx, resume)
     return plan.metrics, state_dict
 

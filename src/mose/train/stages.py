@@ -1,8 +1,7 @@
 """The training stages: what each one trains and the loss it trains with.
 
 - backbone: the dense model on answers (all of it, the language model, or the FFNs);
-- router:   only the routers, on skill labels, from the mean hidden states the
-            frozen model computes under no_grad: no backward through the model;
+- router:   only the routers, on skill labels (`mose.train.router_fit`);
 - sft:      only the MoSE (or token-MoE) blocks, on answers, plus the optional
             skill loss (MoSE) or the load-balancing loss (token MoE).
 """
@@ -15,10 +14,10 @@ from torch import nn
 
 from mose.arch import arch_of
 from mose.config import MoSEConfig, resolve_layers
-from mose.data.collate import IGNORE, Collator, EncodedDataset
+from mose.data.collate import IGNORE, EncodedDataset
 from mose.layers import MoSEBlock, expert_blocks, skill_routing_loss
 from mose.train.loop import Objective, StagePlan
-from mose.train.recipe import BackboneStage, RouterStage, SFTStage
+from mose.train.recipe import BackboneStage, SFTStage
 
 
 def backbone_plan(name: str, model: nn.Module, stage: BackboneStage, dataset: EncodedDataset) -> StagePlan:
@@ -39,19 +38,20 @@ def sft_plan(name: str, model: nn.Module, stage: SFTStage, dataset: EncodedDatas
     blocks = expert_blocks(model)
     if not blocks:
         raise ValueError(f"stage {name!r}: the model has no MoSE or token-MoE blocks: convert it first")
-    frozen = [] if stage.train_routers else [b.router for b in blocks]
+    frozen = [] if trains_routers(model, stage) else [b.router for b in blocks]
     coef = getattr(model.mose_config, "aux_loss_coef", 0.0)
     objective = answer_objective(model, stage.skill_loss_weight, stage.teacher_forcing, coef)
     return StagePlan(name, stage, dataset, list(blocks), objective, frozen=frozen)
 
 
-def router_plan(name: str, model: nn.Module, stage: RouterStage, dataset: EncodedDataset,
-                held_out: EncodedDataset, collator: Collator) -> StagePlan:
-    if not isinstance(model.mose_config, MoSEConfig):
-        raise ValueError(f"stage {name!r}: router pretraining needs a MoSE model, not the token-MoE baseline")
-    routers = [b.router for b in expert_blocks(model)]
-    return StagePlan(name, stage, dataset, routers, router_objective(model), distribute=False,
-                     evaluate=lambda m: router_accuracy(m, held_out, collator, stage.batch_size))
+def trains_routers(model: nn.Module, stage: SFTStage) -> bool:
+    """Whether SFT trains the routers: as the stage says, else the token MoE's always (nothing
+    else trains them) and MoSE's only beside the skill loss. Without it, the task loss alone
+    moves pretrained skill routers off the labels they fit (through the top-1 weight's
+    gradient), so the routes SFT trains on drift away from the skills they stand for."""
+    if stage.train_routers is not None:
+        return stage.train_routers
+    return not isinstance(model.mose_config, MoSEConfig) or stage.skill_loss_weight > 0
 
 
 def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_forcing: bool = False,
@@ -96,45 +96,3 @@ def detached_skill_loss(model: nn.Module, labels: torch.Tensor, per_sample: bool
     logits = {b.layer_idx: b.router(pooled[b.layer_idx].detach())  # (B, S) each
               for b in expert_blocks(model) if isinstance(b, MoSEBlock)}
     return skill_routing_loss(logits, model.level_of_layer, labels, per_sample)
-
-
-def router_objective(model: nn.Module) -> Objective:
-    """The routers' skill loss on the pooled inputs of a no_grad forward (summed over samples)."""
-
-    def objective(_runner: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch["skill_labels"]  # (B, L)
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "skill_labels")}
-        # Routes forced to the labels: each router sees the hidden states the model
-        # will have once the routers before it choose right.
-        with torch.no_grad(), model.routing_only():
-            model(**inputs, skill_labels=labels)
-        return detached_skill_loss(model, labels, per_sample=True).sum()
-
-    return objective
-
-
-@torch.no_grad()
-def router_accuracy(model: nn.Module, dataset: EncodedDataset, collator: Collator,
-                    batch_size: int) -> dict[str, float]:
-    """Held-out accuracy of the routers' own choices, read as skill chains (a level's skill is
-    its layers' majority, as `mose analyze` and every prediction report it): per level and whole."""
-    model.eval()
-    taxonomy = model.mose_config.taxonomy
-    device = next(model.parameters()).device
-    right = torch.zeros(len(taxonomy.levels))
-    chains = count = 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        labels = batch.pop("skill_labels")  # (B, L): taken out, so the routers choose alone
-        with model.routing_only():
-            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-        chosen = torch.tensor([taxonomy.encode(c.as_dict()) for c in model.skill_chains()])  # (B, L)
-        hits = chosen == labels  # (B, L)
-        right += hits.sum(dim=0)
-        chains += int(hits.all(dim=1).sum())
-        count += labels.shape[0]
-    if count == 0:
-        return {}
-    metrics = {f"router_acc/{level}": float(right[i] / count) for i, level in enumerate(taxonomy.level_names)}
-    metrics["router_acc/chain"] = chains / count
-    return metrics

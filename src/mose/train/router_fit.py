@@ -1,0 +1,222 @@
+"""The router stage: skill routers fitted to convergence on the pooled inputs they read.
+
+The rest of the model is frozen, so what each router reads is fixed: one
+forward pass (no grad, routes forced to the labels, stopped after the last
+MoSE layer) gives every labelled sample's pooled input at every MoSE layer,
+and the routers then train on those cached inputs alone, epoch after epoch,
+at the cost of a few small matrix products per step:
+
+1. pool: the labelled training and held-out samples' router inputs, (N, H) per layer;
+2. standardise: each router's input statistics, fitted on the training inputs and
+   saved with the model (see `Router`);
+3. fit: AdamW on the mean skill cross-entropy over layers (DESIGN §6), scored on the
+   held-out inputs after every epoch; the best epoch's routers are kept, and the fit
+   stops once `patience` epochs bring no better one (or at `epochs` / `max_steps`);
+4. measure: the kept routers' held-out accuracy with their own routes (as predictions
+   and `mose analyze` read skill chains), beside the ceiling of a linear probe fitted
+   on the same inputs (`mose.probe`).
+
+Under several processes each pools its share of the samples and all of them
+gather the whole set, then fit the same routers from the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from transformers import get_scheduler
+
+from mose.data.collate import Collator, EncodedDataset
+from mose.layers import MoSEBlock, expert_blocks
+from mose.probe import probe_accuracy
+from mose.train.loop import SCHEDULES, LoopContext, StageLogger, adamw, freeze_all_but
+from mose.train.recipe import RouterStage
+
+TIE = 1e-9  # held-out accuracies closer than this are equal
+
+
+@dataclass
+class PooledInputs:
+    """The router inputs of a set of labelled samples, at every MoSE layer."""
+
+    features: dict[int, torch.Tensor]  # layer → (N, H) float32
+    labels: torch.Tensor  # (N, L) long
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@torch.no_grad()
+def pool_inputs(model: nn.Module, dataset: EncodedDataset, collator: Collator, batch_size: int,
+                acc: Accelerator) -> PooledInputs:
+    """Every sample's pooled input at every MoSE layer, with routes forced to its labels
+    (each router sees the hidden states the model will have once the routers before it
+    choose right). Each process pools samples rank, rank + world, ...; all get every sample."""
+    model.eval()
+    mine = list(range(acc.process_index, len(dataset), acc.num_processes))
+    features: dict[int, list[torch.Tensor]] = {}
+    labels = []
+    for start in range(0, len(mine), batch_size):
+        batch = collator([dataset[i] for i in mine[start:start + batch_size]])
+        batch = {k: v.to(acc.device) for k, v in batch.items() if k != "labels"}
+        with model.routing_only():
+            model(**batch, use_cache=False)
+        for layer, pooled in model.mose_state.router_inputs.items():
+            features.setdefault(layer, []).append(pooled.float())
+        labels.append(batch["skill_labels"])
+    pooled = PooledInputs({k: torch.cat(v) for k, v in features.items()}, torch.cat(labels))
+    return _gather(pooled, len(dataset), acc) if acc.num_processes > 1 else pooled
+
+
+def _gather(local: PooledInputs, total: int, acc: Accelerator) -> PooledInputs:
+    """Every process's share, back in dataset order: sample i came from rank i % world."""
+    world, per_rank = acc.num_processes, math.ceil(total / acc.num_processes)
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros((per_rank, *x.shape[1:]))
+        padded[:len(x)] = x
+        rows = acc.gather(padded).view(world, per_rank, *x.shape[1:])  # (W, per_rank, ...)
+        return rows.transpose(0, 1).reshape(world * per_rank, *x.shape[1:])[:total]  # (N, ...)
+
+    return PooledInputs({k: gather(v) for k, v in local.features.items()}, gather(local.labels))
+
+
+def fit_routers(model: nn.Module, name: str, stage: RouterStage, dataset: EncodedDataset,
+                held_out: EncodedDataset, ctx: LoopContext) -> dict[str, float]:
+    """Run the router stage on `model` in place; its metrics (last loss, held-out accuracies)."""
+    acc = ctx.accelerator
+    blocks = [b for b in expert_blocks(model) if isinstance(b, MoSEBlock)]
+    if not blocks:
+        raise ValueError(f"stage {name!r}: router pretraining needs a MoSE model, not the token-MoE baseline")
+    if len(held_out) == 0:
+        raise ValueError(f"stage {name!r}: no held-out labelled samples to choose the routers' epoch by; "
+                         "raise eval_size or set data.eval")
+    train = pool_inputs(model, dataset, ctx.collator, stage.batch_size, acc)
+    held = pool_inputs(model, held_out, ctx.collator, stage.batch_size, acc)
+    for block in blocks:
+        block.router.fit_standardisation(train.features[block.layer_idx])
+    levels = {b.layer_idx: b.level for b in blocks}
+    routers = {b.layer_idx: b.router for b in blocks}
+    metrics = _fit(model, routers, levels, train, held, stage, ctx, name)
+    metrics.update(_probe_ceiling(model, levels, train, held))
+    held_metrics = router_accuracy(model, held_out, ctx.collator, stage.batch_size)
+    metrics.update(held_metrics)
+    return metrics
+
+
+def _fit(model: nn.Module, routers: dict[int, nn.Module], levels: dict[int, int], train: PooledInputs,
+         held: PooledInputs, stage: RouterStage, ctx: LoopContext, name: str) -> dict[str, float]:
+    named = freeze_all_but(model, list(routers.values()))
+    params = [p for _, p in named]
+    # batch_size is per process, as in every stage: each step fits the global batch's samples.
+    batch = min(stage.batch_size * ctx.accelerator.num_processes, len(train))
+    steps_per_epoch = len(train) // batch
+    total = stage.max_steps or max(1, round(stage.epochs * steps_per_epoch))
+    optimizer = adamw(params, stage.lr, stage.weight_decay)
+    scheduler = get_scheduler(SCHEDULES[stage.schedule], optimizer, num_training_steps=total,
+                              num_warmup_steps=math.ceil(stage.warmup_ratio * total))
+    generator = torch.Generator().manual_seed(ctx.seed)
+    logger = StageLogger(ctx, name, total, 0)
+    best = -1.0  # held-out accuracy
+    best_state, best_epoch, stale, step = None, 0, 0, 0
+    last: dict[str, float] = {}
+    try:
+        for epoch in range(1, math.ceil(total / steps_per_epoch) + 1):
+            order = torch.randperm(len(train), generator=generator)
+            for rows in order[:steps_per_epoch * batch].view(steps_per_epoch, batch):  # (steps, B)
+                loss = pooled_skill_loss(routers, levels, train, rows.to(train.labels.device))
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm or math.inf)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                last = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+                if step % stage.log_every == 0:
+                    logger.log(step, last, samples=batch)
+                else:
+                    logger.advance(step, batch)
+                if step == total:
+                    break
+            score = _held_out(routers, levels, held)
+            logger.write(step, {"epoch": epoch, **score})
+            # Patience counts epochs without a better held-out accuracy; an epoch that ties the
+            # best replaces it (it has trained longer, so it routes with more confidence).
+            stale = 0 if score["held_out_acc"] > best + TIE else stale + 1
+            if score["held_out_acc"] >= best - TIE:
+                best, best_epoch = max(best, score["held_out_acc"]), epoch
+                best_state = {k: {n: t.clone() for n, t in r.state_dict().items()}
+                              for k, r in routers.items()}
+            if step == total or stale >= stage.patience:
+                break
+    finally:
+        logger.close()
+        model.eval()
+    for layer, state in best_state.items():
+        routers[layer].load_state_dict(state)
+    return {**last, "epochs": float(epoch), "best_epoch": float(best_epoch)}
+
+
+def pooled_skill_loss(routers: dict[int, nn.Module], levels: dict[int, int], inputs: PooledInputs,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over layers and samples of the skill cross-entropy (on `rows`, or all samples)."""
+    labels = inputs.labels if rows is None else inputs.labels[rows]  # (B, L)
+    losses = [F.cross_entropy(router(inputs.features[k] if rows is None else inputs.features[k][rows]),
+                              labels[:, levels[k]]) for k, router in routers.items()]
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def _held_out(routers: dict[int, nn.Module], levels: dict[int, int], held: PooledInputs) -> dict[str, float]:
+    """Per-layer accuracy on the held-out inputs (upstream routes forced right), mean and loss."""
+    accuracy = {k: float((router(held.features[k]).argmax(-1) == held.labels[:, levels[k]]).float().mean())
+                for k, router in routers.items()}
+    return {"held_out_acc": sum(accuracy.values()) / len(accuracy),
+            "held_out_loss": pooled_skill_loss(routers, levels, held).item(),
+            **{f"held_out_acc/layer_{k}": v for k, v in accuracy.items()}}
+
+
+def _probe_ceiling(model: nn.Module, levels: dict[int, int], train: PooledInputs,
+                   held: PooledInputs) -> dict[str, float]:
+    """Per level, the best held-out accuracy of a linear probe on one of its layers' inputs."""
+    taxonomy = model.mose_config.taxonomy
+    ceiling: dict[str, float] = {}
+    for layer, level in levels.items():
+        name = taxonomy.levels[level].name
+        value = probe_accuracy(train.features[layer].cpu(), train.labels[:, level].cpu(),
+                               held.features[layer].cpu(), held.labels[:, level].cpu(),
+                               len(taxonomy.levels[level].skills))
+        ceiling[name] = max(ceiling.get(name, 0.0), value)
+    return {f"probe_acc/{k}": v for k, v in ceiling.items()}
+
+
+@torch.no_grad()
+def router_accuracy(model: nn.Module, dataset: EncodedDataset, collator: Collator,
+                    batch_size: int) -> dict[str, float]:
+    """Held-out accuracy of the routers' own choices, read as skill chains (a level's skill is
+    its layers' majority, as `mose analyze` and every prediction report it): per level and whole."""
+    model.eval()
+    taxonomy = model.mose_config.taxonomy
+    device = next(model.parameters()).device
+    right = torch.zeros(len(taxonomy.levels))
+    chains = count = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        labels = batch.pop("skill_labels")  # (B, L): taken out, so the routers choose alone
+        with model.routing_only():
+            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        chosen = torch.tensor([taxonomy.encode(c.as_dict()) for c in model.skill_chains()])  # (B, L)
+        hits = chosen == labels  # (B, L)
+        right += hits.sum(dim=0)
+        chains += int(hits.all(dim=1).sum())
+        count += labels.shape[0]
+    if count == 0:
+        return {}
+    metrics = {f"router_acc/{level}": float(right[i] / count) for i, level in enumerate(taxonomy.level_names)}
+    metrics["router_acc/chain"] = chains / count
+    return metrics
