@@ -9,19 +9,23 @@ far below 1 they get is how much training made them specialise.
 Routing: on labelled sample records the routers choose for themselves (no
 skill labels reach the model) and the chosen skill chains are compared with
 the labels: per level the skill counts, the accuracy and a confusion matrix,
-and how often the whole chain equals the labelled one.
+and how often the whole chain equals the labelled one. Beside the router's
+accuracy, its ceiling: the held-out accuracy of a linear probe (`mose.probe`)
+fitted on the same pooled hidden states the level's routers read.
 
-    path = analyze("runs/train/mose/sft", "runs/analysis", compare_dir="runs/moe/sft",
-                   data="runs/world/test.jsonl", predictions="runs/pred.jsonl",
-                   scores=["runs/scores.json"])
+    analysis = analyze_model(model, processor, read_jsonl("runs/world/test.jsonl"), name="mose")
+    analysis.routing.level("perception").probe_accuracy
+
+This module computes and holds the numbers; `mose.eval.report` renders them,
+and `mose.eval.analyze` (the `mose analyze` command) loads models and files and
+writes the report. Neither is imported here.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,20 +34,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mose.config import MoSEConfig, TokenMoEConfig
 from mose.data.collate import LETTERS, Collator, SampleEncoder
-from mose.data.schema import DataError, Sample, read_jsonl
+from mose.data.schema import DataError, Sample
 from mose.eval.batching import check_batch_size, is_mose
 from mose.eval.chat import format_chain
 from mose.eval.predict import eval_mode
-from mose.eval.predictions import Prediction, read_predictions
-from mose.eval.report import SampleView, write_report
+from mose.eval.predictions import Prediction
 from mose.eval.score.choice import parse_choice
 from mose.eval.score.common import exact_match
 from mose.layers.blocks import ExpertBlock, MoSEBlock, expert_blocks
+from mose.probe import cross_validated_accuracy
 from mose.routing import SkillChain
 from mose.skills.taxonomy import Taxonomy
 
 SHARED = "shared"
 GRAM_CHUNK_ROWS = 1024  # weight rows per step of the Gram matrix: bounds memory on real models
+MIN_PROBE_SAMPLES = 10  # fewer labelled samples than this: no probe ceiling (it would fit noise)
+PROBE_FOLDS = 5
 
 
 class AnalysisError(ValueError):
@@ -164,6 +170,9 @@ class LevelRouting:
     labelled: list[int]  # (S,) samples per labelled skill, over labelled samples
     confusion: list[list[int]]  # (S, S) [labelled][chosen], over labelled samples
     mean_prob: float | None  # mean router probability of the chosen skill
+    # layer → held-out accuracy of a linear probe on the pooled inputs that layer's router read,
+    # over labelled samples; empty when not probed (too few labels, or no router inputs)
+    probe_by_layer: dict[int, float] = field(default_factory=dict)
 
     @property
     def correct(self) -> int:
@@ -175,10 +184,17 @@ class LevelRouting:
         total = sum(self.labelled)
         return self.correct / total if total else None
 
+    @property
+    def probe_accuracy(self) -> float | None:
+        """The level's linear-probe ceiling: its best layer's probe; None when not probed."""
+        return max(self.probe_by_layer.values(), default=None)
+
     def to_dict(self) -> dict[str, Any]:
         return {"skills": list(self.skills), "chosen": dict(zip(self.skills, self.chosen, strict=True)),
                 "labelled": dict(zip(self.skills, self.labelled, strict=True)),
-                "accuracy": self.accuracy, "mean_prob": self.mean_prob,
+                "accuracy": self.accuracy, "probe_accuracy": self.probe_accuracy,
+                "probe_by_layer": {str(layer): acc for layer, acc in self.probe_by_layer.items()},
+                "mean_prob": self.mean_prob,
                 "confusion": {"rows": "labelled", "columns": "chosen", "counts": self.confusion}}
 
 
@@ -259,10 +275,18 @@ def _label_indices(sample: Sample, taxonomy: Taxonomy, source: str) -> list[int]
                                                      f"{taxonomy.name!r})") from None
 
 
-def route_samples(model: Any, processor: Any, samples: Sequence[Sample], *, batch_size: int = 8,
-                  progress: bool = True, source: str = "samples",
-                  description: str = "routing") -> list[SkillChain]:
-    """Each sample's skill chain as the model's own routers choose it (nothing forced).
+@dataclass
+class Routes:
+    """What the routers did on a list of samples, in their order."""
+
+    chains: list[SkillChain]  # (N,) the chosen skill chains
+    inputs: dict[int, torch.Tensor]  # MoSE layer → (N, H) float32, CPU: the pooled state its router read
+
+
+def route_with_inputs(model: Any, processor: Any, samples: Sequence[Sample], *, batch_size: int = 8,
+                      progress: bool = True, source: str = "samples",
+                      description: str = "routing") -> Routes:
+    """Each sample's skill chain as the model's own routers choose it (nothing forced), and the router inputs.
 
     Prompts are encoded as generation sees them (no answer), padded on the
     right; each forward stops once the last router has chosen
@@ -277,6 +301,7 @@ def route_samples(model: Any, processor: Any, samples: Sequence[Sample], *, batc
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = Collator(pad, padding_side="right")
     chains: list[SkillChain] = []
+    inputs: dict[int, list[torch.Tensor]] = {}
     with eval_mode(model), torch.no_grad(), _progress(progress) as bar:
         task = bar.add_task(description, total=len(samples))
         for start in range(0, len(samples), batch_size):
@@ -286,8 +311,48 @@ def route_samples(model: Any, processor: Any, samples: Sequence[Sample], *, batc
             with model.routing_only():  # the routes are all we read
                 model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False)
             chains += model.skill_chains()
+            for layer, pooled in model.mose_state.router_inputs.items():
+                inputs.setdefault(layer, []).append(pooled.float().cpu())  # (B, H)
             bar.advance(task, len(rows))
-    return chains
+    return Routes(chains, {layer: torch.cat(parts) for layer, parts in sorted(inputs.items())})  # (N, H)
+
+
+def route_samples(model: Any, processor: Any, samples: Sequence[Sample], *, batch_size: int = 8,
+                  progress: bool = True, source: str = "samples",
+                  description: str = "routing") -> list[SkillChain]:
+    """Each sample's skill chain as the model's own routers choose it (`route_with_inputs`' chains)."""
+    return route_with_inputs(model, processor, samples, batch_size=batch_size, progress=progress,
+                             source=source, description=description).chains
+
+
+def probe_by_layer(inputs: Mapping[int, torch.Tensor], labels: torch.Tensor,
+                   level_of_layer: Mapping[int, int], taxonomy: Taxonomy) -> dict[int, float]:
+    """Per MoSE layer: cross-validated accuracy of a linear probe for its level's skill.
+
+    inputs: layer → (N, H) pooled router inputs of labelled samples; labels: (N, L)
+    their skill index per level. Empty with fewer than MIN_PROBE_SAMPLES samples.
+    """
+    if len(labels) < MIN_PROBE_SAMPLES:
+        return {}
+    out = {}
+    for layer, x in sorted(inputs.items()):
+        level = level_of_layer[layer]
+        out[layer] = cross_validated_accuracy(x, labels[:, level], len(taxonomy.levels[level].skills),
+                                              folds=PROBE_FOLDS, seed=0)
+    return out
+
+
+def add_probes(stats: RoutingStats, routes: Routes, samples: Sequence[Sample],
+               level_of_layer: Mapping[int, int], taxonomy: Taxonomy, source: str = "samples") -> None:
+    """Fill each level's `probe_by_layer` from the router inputs of the labelled samples."""
+    encoded = [_label_indices(s, taxonomy, source) for s in samples]
+    keep = [i for i, label in enumerate(encoded) if label is not None]
+    labels = torch.tensor([encoded[i] for i in keep], dtype=torch.long)  # (N, L)
+    labels = labels.reshape(-1, len(taxonomy.levels))  # (N, L) even when N is 0
+    probes = probe_by_layer({layer: x[keep] for layer, x in routes.inputs.items()}, labels,
+                            level_of_layer, taxonomy)
+    for i, level in enumerate(stats.levels):
+        level.probe_by_layer = {layer: acc for layer, acc in probes.items() if level_of_layer[layer] == i}
 
 
 def _progress(enabled: bool) -> Progress:
@@ -314,36 +379,38 @@ class ModelAnalysis:
 def analyze_model(model: Any, processor: Any = None, samples: Sequence[Sample] | None = None, *,
                   name: str = "model", batch_size: int = 8, progress: bool = True,
                   source: str = "samples") -> ModelAnalysis:
-    """Expert similarity, and for a MoSE model given samples, routing statistics."""
+    """Expert similarity, and for a MoSE model given samples, routing statistics and probe ceilings."""
     similarity = expert_similarity(model, name)
     result = ModelAnalysis(name, model_kind(model), similarity)
     if samples and is_mose(model):
         if processor is None:
             raise ValueError("routing statistics need the model's processor")
-        chains = route_samples(model, processor, samples, batch_size=batch_size, progress=progress,
-                               source=source, description=f"routing {name}")
-        result.routing = routing_stats(chains, samples, model.mose_config.taxonomy, source)
-        result.chains = {s.id: c for s, c in zip(samples, chains, strict=True)}
+        routes = route_with_inputs(model, processor, samples, batch_size=batch_size, progress=progress,
+                                   source=source, description=f"routing {name}")
+        taxonomy = model.mose_config.taxonomy
+        result.routing = routing_stats(routes.chains, samples, taxonomy, source)
+        add_probes(result.routing, routes, samples, model.level_of_layer, taxonomy, source)
+        result.chains = {s.id: c for s, c in zip(samples, routes.chains, strict=True)}
     return result
 
 
-def load_scores(paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
-    """Scores JSON files (as `mose score` writes them) by name (the file's stem, made unique)."""
-    out: dict[str, dict[str, Any]] = {}
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise AnalysisError(f"{path}: no such scores file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise AnalysisError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(data, dict):
-            raise AnalysisError(f"{path}: expected a JSON object of scores, got {type(data).__name__}")
-        name, n = path.stem, 2
-        while name in out:
-            name, n = f"{path.stem} ({n})", n + 1
-        out[name] = data
-    return out
+@dataclass(frozen=True)
+class SampleView:
+    """One sample as the report shows it."""
+
+    id: str
+    images: list[str]
+    question: str
+    choices: list[str] = field(default_factory=list)
+    reference: str | None = None
+    answer: str | None = None  # the prediction's answer
+    verdict: str | None = None  # "correct"/"wrong", "exact match"/"differs"
+    chain: str | None = None  # formatted skill chain
+    chain_from: str | None = None  # "prediction" or "routers"
+    label: str | None = None  # the labelled skills, formatted
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def sample_views(samples: Sequence[Sample], predictions: Mapping[str, Prediction] | None = None,
@@ -395,54 +462,9 @@ def _verdict(sample: Sample, answer: str) -> str | None:
     return "exact match" if exact_match(answer, sample.answer) else "differs"
 
 
-def analyze(model_dir: str | Path, out_dir: str | Path, *, compare_dir: str | Path | None = None,
-            data: str | Path | None = None, predictions: str | Path | None = None,
-            scores: Sequence[str | Path] = (), max_samples: int = 8, batch_size: int = 8,
-            device: str | None = None, progress: bool = True, title: str = "mose analysis") -> Path:
-    """Analyse one model (or two, side by side) and write OUT/report.html and OUT/analysis.json.
-
-    Args:
-        model_dir, compare_dir: converted models (`mose train` stage directories,
-            or anything `mose.models.loading.load_model` loads that is converted).
-        data: labelled sample records (JSONL): routing statistics of each MoSE
-            model, and the samples the report shows.
-        predictions: a predictions JSONL for `data` (`mose predict`): the answers
-            and skill chains shown with the samples.
-        scores: scores JSON files (`mose score`), one table per file.
-        max_samples: how many samples the report shows.
-        device: where the models run (default: cuda when available, else cpu).
-    Returns:
-        the report's path.
-    """
-    from mose.models.loading import is_converted, load_model, model_type_of
-
-    if predictions is not None and data is None:
-        raise AnalysisError("predictions need --data: the samples they answer "
-                            "(questions, images, references)")
-    check_batch_size(batch_size)
-    score_tables = load_scores(scores)  # before any slow work: a bad file fails fast
-    samples = list(read_jsonl(data)) if data is not None else None
-    answers = _load_predictions(predictions, samples, data) if predictions is not None else None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    analyses = []
-    for spec in [model_dir] + ([compare_dir] if compare_dir is not None else []):
-        spec = str(spec)
-        model_type = model_type_of(spec)
-        if model_type is not None and not is_converted(model_type):
-            raise AnalysisError(f"{spec}: a dense {model_type} model has no experts to compare; analyze "
-                                "a converted MoSE or token-MoE model (a `mose train` stage after convert)")
-        model, processor = load_model(spec)
-        analyses.append(analyze_model(model.to(device), processor, samples, name=spec,
-                                      batch_size=batch_size, progress=progress, source=str(data)))
-        del model  # one model in memory at a time
-    views = sample_views(samples or [], answers, analyses[0].chains, max_samples)
-    sources = {"model": str(model_dir), "compare": compare_dir, "data": data, "predictions": predictions}
-    return write_report(out_dir, title=title, models=analyses, scores=score_tables, samples=views,
-                        sources={k: str(v) for k, v in sources.items() if v is not None})
-
-
-def _load_predictions(path: str | Path, samples: Sequence[Sample], data: str | Path) -> dict[str, Prediction]:
-    found = read_predictions(path)
-    if not any(s.id in found for s in samples):
-        raise AnalysisError(f"{path}: none of its {len(found)} prediction ids are in {data}")
-    return found
+def __getattr__(name: str) -> Any:
+    # The driver (`analyze`: load models and files, write the report) imports this module and the
+    # report's, so it lives in mose.eval.analyze; looked up lazily, it stays importable from here.
+    if name in ("analyze", "load_scores"):
+        return getattr(importlib.import_module("mose.eval.analyze"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,55 +8,39 @@ optional, so a demo can write a report of a methods table alone:
     write_report("runs/report", scores={"world test": {"methods": {
         "MoSE": {"accuracy": 61.0}, "MoE 4x1": {"accuracy": 48.5}}}})
 
-Figures are drawn on `matplotlib.figure.Figure` objects, rendered by the Agg
-canvas, never through pyplot: no global backend, no figures left open.
+This module only renders: the numbers come from `mose.eval.analysis`. The page
+is the jinja2 template templates/report.html.j2 (autoescaped: a sample's text
+can hold any markup); Python prepares what it shows (tables, figures as data
+URIs, sample cards). Figures are drawn on `matplotlib.figure.Figure` objects,
+rendered by the Agg canvas, never through pyplot: no global backend, no
+figures left open.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jinja2
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
 from mose.data.schema import atomic_path
-
-if TYPE_CHECKING:  # analysis imports this module; it needs these names only for hints
-    from mose.eval.analysis import LayerSimilarity, ModelAnalysis, RoutingStats
+from mose.eval.analysis import LayerSimilarity, ModelAnalysis, RoutingStats, SampleView
 
 REPORT_FILE = "report.html"
 JSON_FILE = "analysis.json"
 THUMBNAIL = 256  # longest side of a sample image in the report, pixels
 DPI = 100
 ANNOTATE_MAX = 8  # write the numbers into heatmap cells up to this many rows
-
-
-@dataclass(frozen=True)
-class SampleView:
-    """One sample as the report shows it."""
-
-    id: str
-    images: list[str]
-    question: str
-    choices: list[str] = field(default_factory=list)
-    reference: str | None = None
-    answer: str | None = None  # the prediction's answer
-    verdict: str | None = None  # "correct"/"wrong", "exact match"/"differs"
-    chain: str | None = None  # formatted skill chain
-    chain_from: str | None = None  # "prediction" or "routers"
-    label: str | None = None  # the labelled skills, formatted
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def figure_png(figure: Figure) -> bytes:
@@ -172,6 +156,7 @@ class Table:
     title: str
     columns: list[str]
     rows: list[tuple[str, list[Any]]]  # (row label, cells)
+    label: str = ""  # the heading of the row labels' column
 
 
 def score_tables(name: str, scores: Mapping[str, Any]) -> list[Table]:
@@ -262,53 +247,16 @@ def image_uri(path: str | Path, max_side: int = THUMBNAIL) -> str | None:
     return data_uri(buffer.getvalue())
 
 
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def table_html(table: Table) -> str:
-    head = "".join(f"<th>{esc(c)}</th>" for c in ["", *table.columns])
-    body = "".join(
-        "<tr><th>" + esc(label) + "</th>" + "".join(f"<td>{esc(cell(v))}</td>" for v in cells) + "</tr>"
-        for label, cells in table.rows)
-    return (f'<table><caption>{esc(table.title)}</caption><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table>")
-
-
-def figure_html(png: bytes, alt: str) -> str:
-    return f'<figure><img src="{data_uri(png)}" alt="{esc(alt)}"></figure>'
-
-
-def _columns(parts: Sequence[str]) -> str:
-    """Side by side when there are two (a model and its comparison), else stacked."""
-    if len(parts) > 1:
-        return '<div class="cols">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>"
-    return "".join(parts)
-
-
-def header_html(title: str, sources: Mapping[str, str]) -> str:
-    rows = "".join(f"<dt>{esc(k)}</dt><dd><code>{esc(v)}</code></dd>" for k, v in sources.items())
-    return f"<header><h1>{esc(title)}</h1><dl>{rows}</dl></header>"
-
-
-def scores_html(scores: Mapping[str, Mapping[str, Any]]) -> str:
-    tables = [table_html(t) for name, data in scores.items() for t in score_tables(name, data)]
-    return _section("scores", "Scores", "".join(tables))
-
-
-def similarity_html(models: Sequence[ModelAnalysis]) -> str:
+def similarity_view(models: Sequence[ModelAnalysis]) -> dict[str, Any]:
+    """The expert-diversity section: a mean / min table and one heatmap figure per model."""
     vmin = similarity_floor(models)
     ncols = 2 if len(models) > 1 else 3
     rows = max((len(layer.labels) for m in models for layer in m.similarity), default=1)
-    figures = [figure_html(similarity_figure(m.similarity, f"{m.name} ({_kind(m.kind)})", vmin, ncols, rows),
-                           f"expert similarity of {m.name}") for m in models if m.similarity]
+    figures = [(data_uri(similarity_figure(m.similarity, f"{m.name} ({_kind(m.kind)})", vmin, ncols, rows)),
+                f"expert similarity of {m.name}") for m in models if m.similarity]
     table = Table("mean / min cosine similarity between routed experts (shared expert left out)",
                   [m.name for m in models], _similarity_rows(models))
-    intro = ("<p>Cosine similarity of each MoE layer's experts, every expert's weights "
-             "(<code>gate_up_proj</code>, <code>down_proj</code>) flattened to one vector. Upcycled "
-             "experts start as copies of the dense FFN (similarity 1); the further below 1, the more "
-             "training made them specialise.</p>")
-    return _section("experts", "Expert diversity", intro + table_html(table) + _columns(figures))
+    return {"table": table, "figures": figures}
 
 
 def _similarity_rows(models: Sequence[ModelAnalysis]) -> list[tuple[str, list[Any]]]:
@@ -326,118 +274,68 @@ def _similarity_rows(models: Sequence[ModelAnalysis]) -> list[tuple[str, list[An
     return rows
 
 
-def routing_html(models: Sequence[ModelAnalysis]) -> str:
+def routing_view(models: Sequence[ModelAnalysis]) -> dict[str, Any]:
+    """The routing section: per routed model its table and figures; a note for each model not routed."""
     parts, notes = [], []
     for m in models:
         if m.routing is None:
             why = ("routes each token, not each sample, so it has no skill chains" if m.kind == "token_moe"
                    else "not routed")
-            notes.append(f"<p class='note'>{esc(m.name)} ({esc(_kind(m.kind))}): {esc(why)}.</p>")
+            notes.append(f"{m.name} ({_kind(m.kind)}): {why}.")
             continue
         stats = m.routing
-        parts.append(f"<h3>{esc(m.name)}</h3>" + table_html(routing_table(stats))
-                     + figure_html(distribution_figure(stats, "skills per level"), "skill distribution")
-                     + (figure_html(confusion_figure(stats, "labelled vs chosen skill"), "confusion")
-                        if stats.n_labelled else "<p class='note'>no sample is labelled.</p>"))
-    intro = ("<p>The routers choose on their own (no labels reach the model); their choices are "
-             "compared with the samples' skill labels.</p>")
-    return _section("routing", "Routing", intro + _columns(parts) + "".join(notes))
+        parts.append({
+            "name": m.name, "table": routing_table(stats), "probes": probe_note(stats),
+            "distribution": data_uri(distribution_figure(stats, "skills per level")),
+            "confusion": data_uri(confusion_figure(stats, "labelled vs chosen skill")) if stats.n_labelled
+            else None})
+    return {"parts": parts, "notes": notes}
 
 
 def routing_table(stats: RoutingStats) -> Table:
-    rows = [(lv.level, [_percent(lv.accuracy), lv.mean_prob, sum(lv.labelled)]) for lv in stats.levels]
-    rows.append(("whole chain", [_percent(stats.chain_accuracy), None, stats.n_labelled]))
+    """Per level the router's accuracy beside its linear-probe ceiling; then the whole chain."""
+    rows = [(lv.level, [_percent(lv.accuracy), _percent(lv.probe_accuracy), lv.mean_prob, sum(lv.labelled)])
+            for lv in stats.levels]
+    rows.append(("whole chain", [_percent(stats.chain_accuracy), None, None, stats.n_labelled]))
     return Table(f"router accuracy against labels ({stats.n} samples, {stats.n_labelled} labelled)",
-                 ["accuracy", "mean prob of chosen", "labelled"], rows)
+                 ["router accuracy", "linear-probe ceiling", "chosen skill's mean probability", "labelled n"],
+                 rows, label="level")
+
+
+def probe_note(stats: RoutingStats) -> str | None:
+    """Each probed layer's ceiling ("perception: layer 0 100.0%; ..."), None when nothing was probed."""
+    parts = [f"{lv.level}: " + ", ".join(f"layer {i} {_percent(acc)}" for i, acc in lv.probe_by_layer.items())
+             for lv in stats.levels if lv.probe_by_layer]
+    return "; ".join(parts) or None
 
 
 def _percent(fraction: float | None) -> str | None:
     return None if fraction is None else f"{100 * fraction:.1f}%"
 
 
-def samples_html(samples: Sequence[SampleView]) -> str:
-    cards = "".join(_sample_card(s) for s in samples)
-    return _section("samples", "Sample answers", f'<div class="cards">{cards}</div>')
-
-
-def _sample_card(view: SampleView) -> str:
-    images = []
-    for path in view.images:
-        uri = image_uri(path)
-        images.append(f'<img src="{uri}" alt="{esc(Path(path).name)}">' if uri
-                      else f'<p class="note">image not readable: {esc(path)}</p>')
-    choices = "".join(f"<li>{esc(c)}</li>" for c in view.choices)
-    rows = [("reference", view.reference)]
-    verdict = f'<span class="badge {_badge(view.verdict)}">{esc(view.verdict)}</span>' if view.verdict else ""
+def sample_card(view: SampleView) -> dict[str, Any]:
+    """A sample as its card shows it: images as data URIs (None: unreadable), then (field, value) rows."""
+    rows: list[tuple[str, str | None]] = [("reference", view.reference)]
     if view.answer is not None:
         rows.append(("answer", view.answer))
     if view.chain is not None:
         rows.append(("skill chain" + (" (routers)" if view.chain_from == "routers" else ""), view.chain))
     if view.label is not None:
         rows.append(("labelled skills", view.label))
-    details = "".join(
-        f"<dt>{esc(k)}</dt><dd>{'—' if v is None else esc(v)}{verdict if k == 'answer' else ''}</dd>"
-        for k, v in rows)
-    return (f'<article class="card"><div class="pics">{"".join(images)}</div><div class="text">'
-            f'<p class="id">{esc(view.id)}</p><p class="q">{esc(view.question)}</p>'
-            + (f'<ol type="A">{choices}</ol>' if choices else "")
-            + f"<dl>{details}</dl></div></article>")
-
-
-def _badge(verdict: str | None) -> str:
-    return "good" if verdict in ("correct", "exact match") else "bad"
-
-
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
+    return {"view": view, "rows": rows, "good": view.verdict in ("correct", "exact match"),
+            "images": [(image_uri(path), Path(path).name, path) for path in view.images]}
 
 
 def _kind(kind: str) -> str:
     return {"mose": "MoSE", "token_moe": "token MoE"}.get(kind, kind)
 
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2330;
- background:#f6f7f9;margin:0}
-main{max-width:1180px;margin:0 auto;padding:20px 24px 48px}
-header h1{margin:0 0 6px;font-size:24px}
-header dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0;color:#4a5263}
-header dt{font-weight:600}
-header dd{margin:0}
-nav{margin:12px 0 4px;font-size:13px}
-nav a{margin-right:14px;color:#2b59c3;text-decoration:none}
-section{background:#fff;border:1px solid #e2e5ea;border-radius:8px;padding:14px 18px;margin-top:18px}
-h2{font-size:18px;margin:0 0 8px}
-h3{font-size:15px;margin:14px 0 6px;word-break:break-all}
-p{margin:6px 0}
-.note{color:#6b7280;font-style:italic}
-code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;background:#f1f3f6;padding:1px 4px;
- border-radius:3px}
-table{border-collapse:collapse;margin:10px 16px 10px 0;font-size:13px;display:inline-table;
- vertical-align:top}
-caption{text-align:left;font-weight:600;padding-bottom:4px;color:#374151}
-th,td{border-bottom:1px solid #e5e7eb;padding:3px 10px;text-align:right;white-space:nowrap}
-thead th{background:#f3f4f6}
-tbody th{text-align:left;font-weight:500}
-tbody tr:nth-child(even){background:#fafbfc}
-figure{margin:8px 0}
-figure img{max-width:100%;height:auto;display:block}
-.cols{display:grid;grid-template-columns:1fr 1fr;gap:16px;align-items:start}
-.cols>div{min-width:0}
-.cards{display:grid;grid-template-columns:1fr 1fr;gap:12px}
-.card{display:flex;gap:12px;border:1px solid #e5e7eb;border-radius:6px;padding:10px}
-.pics img{width:160px;height:auto;border-radius:4px;display:block;margin-bottom:4px}
-.text{min-width:0}
-.id{font:11px ui-monospace,monospace;color:#6b7280;margin:0}
-.q{font-weight:600}
-.card ol{margin:2px 0 6px;padding-left:22px}
-.card dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 10px;margin:4px 0 0}
-.card dt{color:#6b7280}
-.card dd{margin:0}
-.badge{font-size:11px;border-radius:9px;padding:0 7px;margin-left:6px;white-space:nowrap}
-.badge.good{background:#dcfce7;color:#166534}
-.badge.bad{background:#fee2e2;color:#991b1b}
-"""
+@cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("mose.eval", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["cell"] = cell
+    return env.get_template("report.html.j2")
 
 
 def render_report(*, title: str = "mose analysis", models: Sequence[ModelAnalysis] = (),
@@ -445,24 +343,15 @@ def render_report(*, title: str = "mose analysis", models: Sequence[ModelAnalysi
                   samples: Sequence[SampleView] = (), sources: Mapping[str, str] | None = None,
                   figures: Mapping[str, bytes] | None = None) -> str:
     """The report as one HTML string (what `write_report` writes)."""
-    sections = []
-    if scores:
-        sections.append(("scores", "Scores", scores_html(scores)))
-    if figures:
-        body = "".join(f"<h3>{esc(name)}</h3>{figure_html(png, name)}" for name, png in figures.items())
-        sections.append(("figures", "Figures", _section("figures", "Figures", body)))
-    if models:
-        sections.append(("experts", "Expert diversity", similarity_html(models)))
-    if any(m.routing is not None for m in models):
-        sections.append(("routing", "Routing", routing_html(models)))
-    if samples:
-        sections.append(("samples", "Sample answers", samples_html(samples)))
-    nav = "".join(f'<a href="#{anchor}">{esc(name)}</a>' for anchor, name, _ in sections)
-    body = "".join(part for _, _, part in sections) or "<p class='note'>nothing to report.</p>"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
-            f"{header_html(title, sources or {})}<nav>{nav}</nav>{body}</main></body></html>\n")
+    routed = any(m.routing is not None for m in models)
+    sections = {
+        "scores": [t for name, data in (scores or {}).items() for t in score_tables(name, data)],
+        "figures": [(name, data_uri(png)) for name, png in (figures or {}).items()],
+        "experts": similarity_view(models) if models else None,
+        "routing": routing_view(models) if routed else None,
+        "samples": [sample_card(s) for s in samples],
+    }
+    return _template().render(title=title, sources=dict(sources or {}), **sections)
 
 
 def write_report(out_dir: str | Path, *, title: str = "mose analysis", models: Sequence[ModelAnalysis] = (),
