@@ -211,6 +211,9 @@ def predict(
     seed: int = typer.Option(0, help="with --do-sample"),
     route_aware: bool = typer.Option(True, help="batch questions that share their skill route "
                                      "(same answers, faster decoding)"),
+    force_skills: bool = typer.Option(False, help="route each question by its record's skills, not "
+                                      "the routers (MoSE; oracle routing: an upper bound that reads the "
+                                      "labels)"),
     format: str | None = typer.Option(None, "--format", help="coda-lm: also write the answer files "
                                       "CODA-LM's evaluation reads, in OUT's folder under coda-lm/"),
 ) -> None:
@@ -227,7 +230,8 @@ def predict(
         loaded, processor = load_model(model)
         report = predict_all(loaded, processor, samples, out, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             top_p=top_p, seed=seed, route_aware=route_aware, source=str(data))
+                             top_p=top_p, seed=seed, route_aware=route_aware,
+                             force_skills=force_skills, source=str(data))
         if format == "coda-lm":
             written = write_coda_lm_answers(out, samples, out.parent / "coda-lm", source=str(data))
             console.print("CODA-LM answer files: " + ", ".join(str(p) for p in written))
@@ -307,16 +311,27 @@ def analyze(
     max_samples: int = typer.Option(8, help="sample answers shown in the report"),
     batch_size: int = typer.Option(8, help="batch size of the routing pass"),
 ) -> None:
-    """Expert diversity, routing statistics and a self-contained HTML report."""
+    """Expert diversity, routing statistics (router accuracy beside its probe ceiling), an HTML report."""
+    from rich.markup import escape
+
     from mose.data import DataError
-    from mose.eval.analysis import analyze as analyze_model
+    from mose.eval.analyze import run_analysis
+    from mose.eval.report import cell, routing_table
 
     try:
-        report = analyze_model(model, out, compare_dir=compare, data=data, predictions=pred,
-                               scores=scores, max_samples=max_samples, batch_size=batch_size)
+        run = run_analysis(model, out, compare_dir=compare, data=data, predictions=pred,
+                           scores=scores, max_samples=max_samples, batch_size=batch_size)
     except (ValueError, DataError, FileNotFoundError) as error:
         fail(error)
-    console.print(f"wrote {report} and {report.with_name('analysis.json')}")
+    for analysis in run.models:
+        if analysis.routing is None:
+            continue
+        routing = routing_table(analysis.routing)
+        table = Table(routing.label, *routing.columns, title=escape(f"{analysis.name}: {routing.title}"))
+        for label, cells in routing.rows:
+            table.add_row(label, *map(cell, cells))
+        console.print(table)
+    console.print(f"wrote {run.report} and {run.report.with_name('analysis.json')}")
 
 
 @app.command()

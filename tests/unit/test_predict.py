@@ -164,6 +164,43 @@ def test_text_only_mose_model_with_top_2(tiny, tmp_path):
     assert (tmp_path / "aware.jsonl").read_text() == (tmp_path / "plain.jsonl").read_text()
 
 
+def labelled_chain(sample, taxonomy):
+    return {level: (sample.skills or {}).get(level, "general") for level in taxonomy.level_names}
+
+
+def test_forced_skills_route_every_answer_by_its_records_labels(converted, samples, tmp_path, monkeypatch):
+    model, processor = converted
+    taxonomy = model.mose_config.taxonomy
+    run(model, processor, samples, tmp_path / "own.jsonl")
+    own = read_predictions(tmp_path / "own.jsonl")
+    calls = spy_on_generate(monkeypatch, model)
+    report = run(model, processor, samples, tmp_path / "forced.jsonl", force_skills=True)
+    forced = read_predictions(tmp_path / "forced.jsonl")
+    labels = {s.id: labelled_chain(s, taxonomy) for s in samples}
+    assert {i: p.skills() for i, p in forced.items()} == labels  # the chains are the labels
+    assert any(own[i].skills() != labels[i] for i in labels)  # ... which the routers alone do not pick
+    # Route-aware batching groups by the forced routes: one route per generate call, kept while decoding.
+    assert all(len(set(routes)) == 1 for _, routes in calls)
+    assert report.routes == len({tuple(chain.values()) for chain in labels.values()})
+
+
+def test_forced_skills_need_labels_on_every_record_and_a_mose_model(converted, tiny, samples, tmp_path):
+    model, processor = converted
+    out = tmp_path / "pred.jsonl"
+    unlabelled = Sample(id="robot/unlabelled", images=[], question="q")
+    with pytest.raises(DataError, match=r"test\.jsonl, record robot/unlabelled, field 'skills': "
+                                        "force_skills routes each question by its labelled skill chain"):
+        predict(model, processor, [*samples[:3], unlabelled], out, force_skills=True, source="test.jsonl",
+                progress=False)
+    unknown = Sample(id="robot/odd", images=[], question="q", skills={"perception": "smell"})
+    with pytest.raises(DataError, match="record robot/odd, field 'skills'"):
+        predict(model, processor, [unknown], out, force_skills=True, source="test.jsonl", progress=False)
+    assert not out.exists() and not partial_path(out).exists()  # refused before any answer
+    dense, processor = tiny("qwen2_vl")
+    with pytest.raises(ValueError, match="only a MoSE model has"):
+        predict(dense, processor, samples[:1], out, force_skills=True, progress=False)
+
+
 def test_missing_image_is_a_data_error_and_leaves_no_output(converted, samples, tmp_path):
     model, processor = converted
     gone = Sample(id="robot/gone", images=[str(tmp_path / "gone.png")], question="q")

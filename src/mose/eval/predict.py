@@ -7,6 +7,11 @@ on that prompt. The predictions file holds one JSON object per line,
 level to `{"skill", "prob"}` for a MoSE model and is null for a dense or a
 token-MoE model.
 
+`force_skills=True` routes every question by its own labelled chain (the
+record's `skills`, a missing level being `general`) instead of the routers:
+oracle routing, an upper bound that reads the labels. The chains written are
+then the labels.
+
 Resuming: results are appended to `OUT.partial` after every batch; a rerun
 skips the ids found there (a torn last line, as a kill leaves it, is dropped)
 and, once every id is answered, the records are written to OUT in input order
@@ -45,6 +50,7 @@ from mose.eval.batching import (
     route_keys,
 )
 from mose.eval.predictions import Prediction, chain_dict, parse_prediction, read_predictions
+from mose.skills.taxonomy import Taxonomy
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -81,19 +87,31 @@ class Answerer:
     """Encodes samples as training does, generates a batch, decodes it with its skill chains."""
 
     def __init__(self, model: Any, processor: Any, options: GenerationOptions | None = None,
-                 source: str = "samples") -> None:
-        """`source` (the data file, say) is what error messages name as the file."""
+                 source: str = "samples", force_skills: bool = False) -> None:
+        """`source` (the data file, say) is what error messages name as the file.
+
+        `force_skills`: route by each sample's labelled skills (MoSE only; see `predict`).
+        """
         self.model = model
         self.options = options or GenerationOptions()
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.encoder = SampleEncoder(processor, source=source)
+        self.mose = is_mose(model)
+        if force_skills and not self.mose:
+            raise ValueError(f"force_skills routes by skill labels, which only a MoSE model has; "
+                             f"{type(model).__name__} is not one")
+        self.force_skills = force_skills
+        # With a taxonomy the encoder adds each sample's skill labels, (L,): the forced routes.
+        taxonomy = model.mose_config.taxonomy if force_skills else None
+        self.encoder = SampleEncoder(processor, taxonomy=taxonomy, source=source)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = self.tokenizer.eos_token_id if pad is None else pad
         self.collate = Collator(self.pad_token_id, padding_side="left")
-        self.mose = is_mose(model)
 
     def inputs(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        """The left-padded prompts of a batch, on the model's device (images loaded here)."""
+        """The left-padded prompts of a batch, on the model's device (images loaded here);
+        with `force_skills`, also their `skill_labels` (B, L), which the model routes by."""
+        if self.force_skills:
+            check_skill_labels(samples, self.model.mose_config.taxonomy, self.encoder.source)
         batch = self.collate([self.encoder(s, with_answer=False) for s in samples])
         batch.pop("labels")  # all IGNORE: there is no answer in a prompt
         return {k: v.to(self.model.device) for k, v in batch.items()}
@@ -115,6 +133,20 @@ class Answerer:
         chains = ([chain_dict(c) for c in self.model.skill_chains()] if self.mose
                   else [None] * len(samples))
         return [Prediction(s.id, a.strip(), c) for s, a, c in zip(samples, answers, chains, strict=True)]
+
+
+def check_skill_labels(samples: Iterable[Sample], taxonomy: Taxonomy, source: str = "samples") -> None:
+    """Every sample labelled with skills of `taxonomy` (what forced routes need), else a DataError
+    naming the file, the record and the field."""
+    for sample in samples:
+        if sample.skills is None:
+            raise DataError(source, sample.id, "skills", "force_skills routes each question by its "
+                            "labelled skill chain, and this record has none: label the file first "
+                            "(mose annotate) or answer without forced routes")
+        try:
+            taxonomy.encode(sample.skills)
+        except ValueError as error:
+            raise DataError(source, sample.id, "skills", str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -140,7 +172,7 @@ def partial_path(out_path: str | Path) -> Path:
 def predict(model: Any, processor: Any, samples: Iterable[Sample], out_path: str | Path, *,
             batch_size: int = 8, max_new_tokens: int = 256, do_sample: bool = False,
             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, route_aware: bool = True,
-            progress: bool = True, source: str = "samples") -> PredictReport:
+            force_skills: bool = False, progress: bool = True, source: str = "samples") -> PredictReport:
     """Answer every sample and write OUT (JSONL, input order), resuming from OUT.partial.
 
     Args:
@@ -151,6 +183,10 @@ def predict(model: Any, processor: Any, samples: Iterable[Sample], out_path: str
             Answers are those of plain batching; only speed changes. No effect
             on dense or token-MoE models.
         seed: seeds sampling (`do_sample`); greedy decoding does not use it.
+        force_skills: route every question by its record's `skills` instead of the
+            routers (MoSE models only): oracle routing, an upper bound that reads
+            the labels; the chains written are the labels. A record without skills
+            (or with skills the model's taxonomy lacks) is a DataError before any work.
         source: the data file's name, for error messages (a missing image is a
             DataError naming file, record and field).
     Returns:
@@ -160,6 +196,9 @@ def predict(model: Any, processor: Any, samples: Iterable[Sample], out_path: str
     samples = list(samples)
     check_batch_size(batch_size)  # before any work
     ids = _unique_ids(samples, source)
+    answerer = Answerer(model, processor, options, source, force_skills)
+    if force_skills:
+        check_skill_labels(samples, model.mose_config.taxonomy, source)
     out_path, partial = Path(out_path), partial_path(out_path)
     begin = time.perf_counter()
     if out_path.exists():
@@ -169,7 +208,6 @@ def predict(model: Any, processor: Any, samples: Iterable[Sample], out_path: str
     done = _resume(partial, set(ids))
     resumed = len(done)
     todo = [s for s in samples if s.id not in done]
-    answerer = Answerer(model, processor, options, source)
     routes = None
     batches: list[list[int]] = []
     with eval_mode(model), _progress(progress) as bar:
