@@ -107,7 +107,8 @@ def annotate(
     data: Path = typer.Option(..., help="sample-record JSONL to annotate"),
     out: Path = typer.Option(..., help="annotated JSONL to write"),
     rules: str | None = typer.Option(None, help="shipped rule set (coda-lm, robo2vlm, drivelm, "
-                                     "world-driving, world-robot) or a rules YAML; default: the "
+                                     "world-driving, world-driving-question, world-robot) or a rules "
+                                     "YAML; default: the "
                                      "shipped set matching the records' source"),
     limit: int | None = typer.Option(None, help="annotate a random subset of this many samples"),
     seed: int = typer.Option(0, help="seed of the --limit subset"),
@@ -136,7 +137,7 @@ def annotate(
             keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
             samples = [samples[i] for i in keep]
         if rules is None:  # the records' source names its shipped rule set
-            rules = shipped_rules_for(samples)
+            rules = shipped_rules_for(samples, taxonomy)
             if rules is None and llm_base_url is None:
                 raise ValueError(f"{data}: no shipped rule set matches these records (sources: "
                                  f"{explain_sources(samples)}); give --rules, --llm-base-url with "

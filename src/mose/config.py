@@ -82,7 +82,7 @@ class MoSEConfig(_JSONConfig):
     """What to build: skill experts per level on the chosen decoder layers.
 
     Args:
-        taxonomy: a built-in name ("driving", "robot"), a YAML path, a dict or a
+        taxonomy: a built-in name ("driving", "robot", "driving-question"), a YAML path, a dict or a
             Taxonomy; stored resolved, so a saved model carries its taxonomy.
         layers: which decoder layers' FFNs become MoSE blocks ("even", "odd",
             "all" or a list of indices). They are split into contiguous groups,

@@ -30,6 +30,12 @@ def test_sources_from_ids_and_metadata(record, rules):
     assert source_of(record) == rules
 
 
+def test_a_taxonomy_with_its_own_rules_gets_them(tmp_path):
+    samples = list(read_jsonl(generate("driving", n=4, seed=0, out=tmp_path)))
+    assert shipped_rules_for(samples, "driving-question") == "world-driving-question"
+    assert shipped_rules_for(samples, "driving") == "world-driving"
+
+
 def test_mixed_or_unknown_sources_pick_nothing():
     coda, mine = sample("coda/a/general"), sample("mine/1")
     assert shipped_rules_for([coda, sample("robo2vlm/1")]) is None

@@ -34,7 +34,7 @@ import yaml
 from mose.data.schema import Sample
 from mose.skills.taxonomy import GENERAL, Taxonomy, load_taxonomy
 
-BUILTIN_RULES = ("coda-lm", "robo2vlm", "drivelm", "world-driving", "world-robot")
+BUILTIN_RULES = ("coda-lm", "robo2vlm", "drivelm", "world-driving", "world-robot", "world-driving-question")
 
 
 def field_value(sample: Sample, path: str) -> Any:
@@ -130,7 +130,7 @@ class RuleAnnotator:
     @classmethod
     def load(cls, name_or_path: str | Path, taxonomy: str | Taxonomy | None = None) -> RuleAnnotator:
         """A shipped rule set by name (coda-lm, robo2vlm, drivelm, world-driving,
-        world-robot) or a YAML file; `taxonomy` overrides the file's own."""
+        world-robot, world-driving-question) or a YAML file; `taxonomy` overrides the file's own."""
         if str(name_or_path) in BUILTIN_RULES:
             source = f"rules:{name_or_path}"
             text = resources.files("mose.skills").joinpath(f"rules/{name_or_path}.yaml").read_text()

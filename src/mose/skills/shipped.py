@@ -16,6 +16,9 @@ ID_PREFIXES = {"world/driving/": "world-driving", "world/robot/": "world-robot",
                "robo2vlm/": "robo2vlm", "drivelm/": "drivelm"}
 META_SOURCES = {"coda-lm": "coda-lm", "robo2vlm": "robo2vlm", "drivelm": "drivelm"}  # meta.source
 WORLD_DOMAINS = {"driving": "world-driving", "robot": "world-robot"}  # meta.domain of world records
+# taxonomy → (source's rule set → the rule set for that taxonomy), where it is not the source's own
+FOR_TAXONOMY = {"driving-question": {"world-driving": "world-driving-question",
+                                     "coda-lm": "world-driving-question"}}
 
 
 def source_of(sample: Sample) -> str | None:
@@ -31,12 +34,14 @@ def source_of(sample: Sample) -> str | None:
     return None
 
 
-def shipped_rules_for(samples: Iterable[Sample]) -> str | None:
-    """The one shipped rule set every record matches; None if any is unknown or they disagree."""
+def shipped_rules_for(samples: Iterable[Sample], taxonomy: str | None = None) -> str | None:
+    """The one shipped rule set every record matches (for `taxonomy`, a built-in name, when it has
+    its own rules for that source); None if any is unknown or they disagree."""
     found = {source_of(s) for s in samples}
     if len(found) != 1 or None in found:
         return None
-    return found.pop()
+    rules = found.pop()
+    return FOR_TAXONOMY.get(taxonomy, {}).get(rules, rules)
 
 
 def explain_sources(samples: Iterable[Sample]) -> str:

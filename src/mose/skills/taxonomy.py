@@ -1,6 +1,7 @@
 """Hierarchical skill taxonomies: ordered levels, each with its skills.
 
-A taxonomy comes from a built-in name (`driving`, `robot`) or a user YAML file:
+A taxonomy comes from a built-in name (`driving`, `robot`, `driving-question`) or a user
+YAML file:
 
     name: my_task
     levels:
@@ -24,7 +25,7 @@ import torch
 import yaml
 
 GENERAL = "general"
-BUILTIN = ("driving", "robot")
+BUILTIN = ("driving", "robot", "driving-question")
 
 
 @dataclass(frozen=True)
