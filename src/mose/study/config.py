@@ -8,13 +8,17 @@ A study is YAML (`base:` inheritance and `key=value` overrides as for recipes):
     model: tiny:qwen2_vl            # a tiny model is first pretrained on the world's general kinds
     pretrain: {max_steps: 1200, lr: 2.0e-3, batch_size: 16}
     finetune: {epochs: 2, lr: 1.0e-3, batch_size: 16}        # the same for every method
-    router: {labelled: 1000, max_steps: 100, lr: 1.0e-2, batch_size: 16}
+    router: {labelled: 1000}        # MoSE's router stage: its own defaults train it to convergence
     seeds: [0, 1, 2]
     experiments:
-      main: {methods: [dense_sft, moe_4x1, moe_8x1, mose, mose_groups]}
+      main: {methods: [dense_sft, moe_4x1, moe_8x1, mose, mose_groups, mose_oracle]}
       data_size: {methods: [moe_4x1, mose], fractions: [0.25, 0.5, 1.0]}
       skill_data: {methods: [mose], labelled: [500, 1000, 2000]}
       diversity: {methods: [moe_4x1, mose]}
+
+`mose_question` (MoSE on skills the question fixes) converts with `question_taxonomy` and
+labels the training and test splits with `question_rules`; both default by `taxonomy`
+(`QUESTION_SKILLS`: driving → driving-question, world-driving-question).
 
 Instead of `world`, `data: {train, test, labelled}` names a benchmark's converted
 files (`mose data convert`) and `score` its scorer; `model` is then a real
@@ -29,12 +33,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mose.eval.score import BENCHES, JUDGE_OPTIONS
+from mose.skills.rules import RuleAnnotator
 from mose.study.methods import METHODS
 from mose.train.recipe import RecipeError, apply_override, build_options, check_range, read_with_base
 
 
 class StudyError(RecipeError):
     """A study config that cannot run: names the file and the key."""
+
+
+# taxonomy → (question taxonomy, the shipped rules that label it): `mose_question`'s defaults.
+# The robot world's shipped rules already read only the question, so its question skills are
+# its own taxonomy's (and `mose_question` repeats `mose` there).
+QUESTION_SKILLS = {"driving": ("driving-question", "world-driving-question"),
+                   "robot": ("robot", "world-robot")}
 
 
 @dataclass
@@ -90,9 +102,10 @@ class SkillDataExperiment:
         for i, size in enumerate(self.labelled):
             if size < 1:
                 raise StudyError(f"labelled[{i}] is {size}; it must be >= 1")
-        unrouted = [m for m in self.methods if m in METHODS and not METHODS[m].mose]
+        unrouted = [m for m in self.methods if m in METHODS and not METHODS[m].routed]
         if unrouted:
-            raise StudyError(f"methods names {unrouted[0]!r}, which has no skill routers")
+            raise StudyError(f"methods names {unrouted[0]!r}, which has no skill routers to learn "
+                             "from labels")
 
 
 @dataclass
@@ -123,9 +136,11 @@ class StudyConfig:
     score: str | None = None  # the scorer (`mose score`): world (the default with `world`), robo2vlm, ...
     judge: dict = field(default_factory=dict)  # coda-lm's judge options (judge_model, judge_base_url, ...)
     taxonomy: str | None = None  # MoSE's skills; default: the world's domain
+    question_taxonomy: str | None = None  # mose_question's skills; default: QUESTION_SKILLS[taxonomy]
+    question_rules: str | None = None  # the rules that label them (shipped name or YAML); default: the same
     pretrain: dict | None = None  # backbone-stage options of the tiny model's pretraining
     finetune: dict = field(default_factory=dict)  # training options every method's fine-tuning shares
-    router: dict = field(default_factory=dict)  # router-stage options (MoSE)
+    router: dict = field(default_factory=dict)  # router-stage options (MoSE): labelled, epochs, ...
     recipe: dict = field(default_factory=dict)  # recipe keys of every run: mixed_precision, data…
     generation: Generation = field(default_factory=Generation)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -143,6 +158,10 @@ class StudyConfig:
         self._check_judge()
         if self.taxonomy is None and self.world is not None:
             self.taxonomy = self.world.domain
+        default = QUESTION_SKILLS.get(self.taxonomy)
+        if default and self.question_taxonomy in (None, default[0]):
+            self.question_taxonomy = default[0]
+            self.question_rules = self.question_rules or default[1]
         if self.is_tiny and (self.pretrain is None or self.world is None):
             raise StudyError("a tiny model starts from random weights: it needs 'world' (whose general "
                              "questions it is pretrained on) and 'pretrain' options")
@@ -165,8 +184,27 @@ class StudyConfig:
                                      f"choose from {', '.join(METHODS)}")
         if not any(asdict(self.experiments).values()):
             raise StudyError("'experiments' names none of main, data_size, skill_data, diversity")
+        if self.experiments.skill_data and self.router.get("max_steps") is not None:
+            raise StudyError("router.max_steps gives every labelled-set size of skill_data the same "
+                             "number of steps, so the larger sets get fewer passes over their labels: "
+                             "bound the router stage by router.epochs (or leave it to the stage's "
+                             "defaults)")
         if self.uses_mose and self.taxonomy is None:
             raise StudyError("MoSE methods need 'taxonomy' (driving, robot or a YAML file)")
+        if self.uses_question_skills:
+            self._check_question_skills()
+
+    def _check_question_skills(self) -> None:
+        """mose_question's taxonomy and rules, loaded (so checked) before any work."""
+        missing = next((k for k in ("question_taxonomy", "question_rules") if getattr(self, k) is None), None)
+        if missing:
+            shipped = "; ".join(f"{t}: {q}, {r}" for t, (q, r) in QUESTION_SKILLS.items())
+            raise StudyError(f"mose_question needs '{missing}' (the defaults per taxonomy: {shipped})")
+        try:
+            RuleAnnotator.load(self.question_rules, taxonomy=self.question_taxonomy)
+        except ValueError as error:
+            raise StudyError(f"question_rules {self.question_rules!r} for question_taxonomy "
+                             f"{self.question_taxonomy!r}: {error}") from None
 
     def _check_judge(self) -> None:
         """CODA-LM's judge, from `judge` or, as `mose score` reads it, the environment."""
@@ -190,6 +228,11 @@ class StudyConfig:
     @property
     def uses_mose(self) -> bool:
         return any(METHODS[m].mose for e in asdict(self.experiments).values() if e
+                   for m in e.get("methods", []))
+
+    @property
+    def uses_question_skills(self) -> bool:
+        return any(METHODS[m].question_skills for e in asdict(self.experiments).values() if e
                    for m in e.get("methods", []))
 
     @property

@@ -20,13 +20,23 @@ class StudyData:
     test: Path
     pretrain: Path | None = None  # general questions about the same world (tiny models only)
     labelled: Path | None = None  # skill-labelled records for the routers
+    # mose_question's: the training and test splits labelled by the question rules (a record
+    # holds one label, so each taxonomy has its own files)
+    labelled_question: Path | None = None
+    test_question: Path | None = None
+
+    def test_for(self, question_skills: bool) -> Path:
+        """The test split a method answers and is scored on: labelled with its own taxonomy."""
+        return self.test_question if question_skills and self.test_question else self.test
 
 
 @dataclass(frozen=True)
 class Annotation:
-    rules: str  # the shipped rule set used
+    rules: str  # the rule set used
     samples: int
     agreement: float | None  # fraction of levels where the rules agree with the records' own skills
+    taxonomy: str | None = None  # the rules' taxonomy, where it is not the records' own
+    test_samples: int | None = None  # test records labelled too (mose_question's test routing)
 
 
 def world_files(out: Path) -> StudyData:
@@ -58,12 +68,29 @@ def annotate_with_rules(train: Path, out: Path) -> Annotation:
     if rules is None:
         raise ValueError(f"{train}: no shipped rule set matches these records; label them with "
                          "`mose annotate` and give the file as data.labelled")
-    if out.is_file():  # labelled by an earlier run of the study: report on those labels
-        labelled = list(read_jsonl(out))
-    else:
-        labelled, _ = RuleAnnotator.load(rules).annotate([replace(s, skills=None) for s in samples])
-        write_jsonl(out, labelled)
+    labelled = _labelled(samples, out, RuleAnnotator.load(rules))
     return Annotation(rules, len(labelled), _agreement(labelled, samples))
+
+
+def annotate_questions(data: StudyData, rules: str, taxonomy: str) -> Annotation:
+    """Label the training and test splits with question rules (`mose_question`'s labels).
+
+    Their skills belong to another taxonomy than the records' own, so they are not compared.
+    """
+    annotator = RuleAnnotator.load(rules, taxonomy=taxonomy)
+    train = _labelled(list(read_jsonl(data.train)), data.labelled_question, annotator)
+    test = _labelled(list(read_jsonl(data.test)), data.test_question, annotator)
+    return Annotation(rules, len(train), None, taxonomy=taxonomy, test_samples=len(test))
+
+
+def _labelled(samples: list[Sample], out: Path, annotator: RuleAnnotator) -> list[Sample]:
+    """The samples labelled by the rules alone (their own skills dropped first), written to `out`;
+    `out`'s records if an earlier run of the study wrote it."""
+    if out.is_file():
+        return list(read_jsonl(out))
+    labelled, _ = annotator.annotate([replace(s, skills=None) for s in samples])
+    write_jsonl(out, labelled)
+    return labelled
 
 
 def _agreement(labelled: list[Sample], truth: list[Sample]) -> float | None:

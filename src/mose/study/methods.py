@@ -6,9 +6,19 @@ same starting model on the same answer data with the same options (`finetune`):
 - `moe_4x1`, `moe_8x1`: token-level MoE upcycled from them, 4 or 8 experts top-1
   beside a shared expert, with a load-balancing loss (Qwen2-VL_MoE_41 / _81);
 - `mose`: MoSE (a shared expert and one expert per skill), its routers pretrained
-  on skill labels first (`router`: routers only, no backward through the model);
+  on skill labels first (`router`: routers only, no backward through the model;
+  the stage holds out a labelled split and reports its routers' accuracy there);
 - `mose_groups`: MoSE with expert groups (an image and a text expert per skill),
-  the same router pretraining.
+  the same router pretraining;
+- `mose_oracle`: MoSE whose routes are forced to the labelled skill chain, in
+  fine-tuning (teacher forcing) and at test (each test record's own `skills`).
+  It reads the test split's labels, so it is an upper bound on what routing
+  could give, never a result; it has no router stage (its routers are unused).
+- `mose_question`: MoSE on the question taxonomy (the study's `question_taxonomy`,
+  e.g. `driving-question`): skills the question fixes (what it points at, which
+  behaviour it asks about, whether it asks for a decision), never what the answer
+  is, labelled by the `question_rules` (e.g. `world-driving-question`) on the
+  training and test splits; the same router pretraining as `mose`.
 
 The token MoEs keep a shared expert so that a token uses two FFNs in every
 method but dense SFT: the paper matches the experts MoSE activates.
@@ -23,28 +33,47 @@ from typing import Any
 @dataclass(frozen=True)
 class Method:
     label: str  # as tables show it
-    mose: bool  # has skill routers (router pretraining, skill chains)
+    mose: bool  # a MoSE model: skill experts, a taxonomy, a skill chain with every answer
+    oracle: bool = False  # routes forced to the labelled chain in training and at test (an upper bound)
+    question_skills: bool = False  # the study's question taxonomy and rules, not its content taxonomy
+
+    @property
+    def routed(self) -> bool:
+        """Its own routers choose the routes: they are pretrained on skill labels first."""
+        return self.mose and not self.oracle
 
 
+ORACLE_NOTE = ("† routes forced to the labelled skill chain in fine-tuning and at test: it reads the test "
+               "split's labels, so it is an upper bound on routing, not a result")
 METHODS = {
     "dense_sft": Method("dense SFT", mose=False),
     "moe_4x1": Method("MoE 4×1", mose=False),
     "moe_8x1": Method("MoE 8×1", mose=False),
     "mose": Method("MoSE", mose=True),
     "mose_groups": Method("MoSE + groups", mose=True),
+    "mose_oracle": Method("MoSE oracle routes (upper bound) †", mose=True, oracle=True),
+    # Last: its runs read their own labelled file, so those of the other methods share encodings.
+    "mose_question": Method("MoSE, question skills", mose=True, question_skills=True),
 }
 FINAL_STAGE = "sft"  # every method's last stage: the model a study evaluates
 
 
 def method_stages(method: str, finetune: dict[str, Any], router: dict[str, Any] | None = None,
-                  taxonomy: str | None = None, labelled: str | None = None) -> dict[str, Any]:
+                  taxonomy: str | None = None, labelled: str | None = None,
+                  oracle_data: str | None = None, sft_data: str | None = None) -> dict[str, Any]:
     """The recipe stages of a method (run from a dense model).
 
     Args:
         finetune: training options of the final `sft` stage (max_steps or epochs, lr, batch_size, ...).
-        router: router-stage options (MoSE methods): labelled, max_steps, lr, ...
+        router: router-stage options (methods with routers): labelled, epochs, ... (the stage's own
+            defaults for the rest, its held-out split included).
         taxonomy: MoSE's skills.
         labelled: the skill-labelled records the routers learn from.
+        oracle_data: the records `mose_oracle` fine-tunes on, every one skill-labelled (None: the
+            recipe's data.train, as the procedural world's records are).
+        sft_data: the records a routed MoSE method fine-tunes on (None: the recipe's data.train);
+            `mose_question` takes the training split labelled with its own taxonomy's skills,
+            since a record's skills must be the model's to be encoded.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -55,8 +84,14 @@ def method_stages(method: str, finetune: dict[str, Any], router: dict[str, Any] 
         experts = 4 if method == "moe_4x1" else 8
         return {"convert": {"token_moe": {"num_experts": experts, "top_k": 1, "shared_expert": True}},
                 "sft": sft}
-    if taxonomy is None or labelled is None:
-        raise ValueError(f"{method} needs a taxonomy and skill-labelled records for its routers")
+    if taxonomy is None:
+        raise ValueError(f"{method} needs a taxonomy")
     mose = {"taxonomy": taxonomy, "modality_groups": method == "mose_groups"}
-    return {"convert": {"mose": mose}, "router": {"data": labelled, "eval_size": 0, **(router or {})},
-            "sft": sft}
+    if METHODS[method].oracle:  # routed by the labels: the routers neither train nor choose
+        forced = {"teacher_forcing": True, "train_routers": False,
+                  **({"data": oracle_data} if oracle_data else {})}
+        return {"convert": {"mose": mose}, "sft": {**sft, **forced}}
+    if labelled is None:
+        raise ValueError(f"{method} needs skill-labelled records for its routers")
+    return {"convert": {"mose": mose}, "router": {"data": labelled, **(router or {})},
+            "sft": {**sft, **({"data": sft_data} if sft_data else {})}}

@@ -19,17 +19,27 @@ from typing import Any
 
 from rich.console import Console
 
-from mose.data import read_jsonl
+from mose.data import DataError, read_jsonl
 from mose.data.schema import atomic_path
 from mose.eval.analysis import ModelAnalysis, analyze_model, sample_views
+from mose.eval.predict import check_skill_labels
 from mose.eval.predictions import read_predictions
 from mose.eval.report import write_report
 from mose.models.loading import load_model
+from mose.skills.taxonomy import load_taxonomy
 from mose.study import summary
 from mose.study.config import StudyConfig, StudyError
-from mose.study.data import Annotation, StudyData, annotate_with_rules, make_world, world_files
-from mose.study.methods import FINAL_STAGE, METHODS
+from mose.study.data import (
+    Annotation,
+    StudyData,
+    annotate_questions,
+    annotate_with_rules,
+    make_world,
+    world_files,
+)
+from mose.study.methods import FINAL_STAGE, METHODS, ORACLE_NOTE
 from mose.study.runs import (
+    MEASURES,
     RunSpec,
     execute,
     load_result,
@@ -57,6 +67,7 @@ class StudyResults:
     runs: dict[RunSpec, dict[str, Any]]
     tables: dict[str, dict[str, dict[str, Any]]]  # table name → row → column → cell
     report: Path
+    question_annotation: Annotation | None = None  # mose_question's labels (the question rules')
 
 
 @contextmanager
@@ -78,10 +89,13 @@ def run_study(config: StudyConfig) -> StudyResults:
     # Every recipe is built, so checked, before any data is made or any model trained.
     pretraining = pretrain_recipe(config, data) if config.is_tiny else None
     recipes = {spec: run_recipe(config, spec, data, start) for spec in specs}
-    _claim(config)
+    _claim(config, specs)
     with step(f"{config.name}: data") as done:
         annotation = prepare_data(config, data)
-        done["line"] = _data_line(data, annotation)
+        questions = (annotate_questions(data, config.question_rules, config.question_taxonomy)
+                     if data.labelled_question else None)
+        _check_oracle_labels(config, data)
+        done["line"] = _data_line(data, annotation, questions)
     if pretraining is not None:
         with step(f"{config.name}: pretraining a general model") as done:
             metrics = train(pretraining, resume=True)["pretrain"]
@@ -100,7 +114,7 @@ def run_study(config: StudyConfig) -> StudyResults:
         with atomic_path(out / STUDY_RESULTS_FILE) as temp:
             temp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         done["line"] = f"wrote {out / STUDY_RESULTS_FILE} and {report}"
-    return StudyResults(config, data, annotation, runs, tables, report)
+    return StudyResults(config, data, annotation, runs, tables, report, questions)
 
 
 def planned_data(config: StudyConfig, specs: list[RunSpec]) -> StudyData:
@@ -110,8 +124,15 @@ def planned_data(config: StudyConfig, specs: list[RunSpec]) -> StudyData:
     else:
         data = StudyData(train=Path(config.data.train), test=Path(config.data.test),
                          labelled=Path(config.data.labelled) if config.data.labelled else None)
-    if data.labelled is None and any(METHODS[s.method].mose for s in specs):
+    # Labels for the routers, and for a benchmark's oracle (the world's records carry their own).
+    methods = [METHODS[s.method] for s in specs]
+    labels = any((m.routed and not m.question_skills) or (m.oracle and config.world is None)
+                 for m in methods)
+    if data.labelled is None and labels:
         data = replace(data, labelled=config.out / "data" / "labelled.jsonl")  # the shipped rules' labels
+    if any(m.question_skills for m in methods):  # the question rules' labels of both splits
+        data = replace(data, labelled_question=config.out / "data" / "labelled-question.jsonl",
+                       test_question=config.out / "data" / "test-question.jsonl")
     return data
 
 
@@ -131,6 +152,18 @@ def prepare_data(config: StudyConfig, data: StudyData) -> Annotation | None:
     return annotate_with_rules(data.train, data.labelled)
 
 
+def _check_oracle_labels(config: StudyConfig, data: StudyData) -> None:
+    """The oracle answers by the test records' labelled chains: every one needs skills, known
+    before any training (its fine-tuning data is checked with its recipe)."""
+    if not any(METHODS[m].oracle for e in (config.experiments.main, config.experiments.diversity,
+                                           config.experiments.data_size) if e for m in e.methods):
+        return
+    try:
+        check_skill_labels(read_jsonl(data.test), load_taxonomy(config.taxonomy), str(data.test))
+    except DataError as error:
+        raise StudyError(f"{config.source}: mose_oracle routes by the test labels: {error}") from None
+
+
 def pretrain_recipe(config: StudyConfig, data: StudyData) -> Recipe:
     """The tiny model's general pretraining: every weight, on the world's general questions only."""
     return study_recipe(
@@ -140,17 +173,28 @@ def pretrain_recipe(config: StudyConfig, data: StudyData) -> Recipe:
         source=f"{config.source}: pretrain")
 
 
-def _claim(config: StudyConfig) -> None:
-    """Reuse a folder only for the same data and general model; runs are checked one by one."""
+def _claim(config: StudyConfig, specs: list[RunSpec]) -> None:
+    """Reuse a folder only for the same data, labels and general model; runs are checked one by one.
+
+    The question labels' settings count once a study has made them (the first that runs
+    `mose_question`); a study without it, before or after, leaves them as they are.
+    """
     path = config.out / SETTINGS_FILE
-    keys = ("model", "world", "data", "taxonomy")  # the pretraining's stage checks its own settings
+    keys = ["model", "world", "data", "taxonomy"]  # the pretraining's stage checks its own settings
+    questions = ("question_taxonomy", "question_rules")
+    if any(METHODS[s.method].question_skills for s in specs):
+        keys += questions
     settings = {k: config.to_dict()[k] for k in keys}
-    if path.is_file() and json.loads(path.read_text()) != settings:
-        raise StudyError(f"{config.out} holds a study made with other data or another general model "
-                         f"({path}: {', '.join(keys)}); choose another output_dir or delete that folder")
+    held = json.loads(path.read_text()) if path.is_file() else {}
+    # A key the folder lacks differs, but for the question labels' (a folder made before them).
+    differ = [k for k in keys if held and (k in held or k not in questions) and held.get(k) != settings[k]]
+    if differ:
+        raise StudyError(f"{config.out} holds a study made with other data, labels or another general "
+                         f"model ({path}: {', '.join(differ)}); choose another output_dir or delete that "
+                         "folder")
     config.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temp:
-        temp.write_text(json.dumps(settings, indent=2) + "\n")
+        temp.write_text(json.dumps({**held, **settings}, indent=2) + "\n")
 
 
 def _reuse(config: StudyConfig, spec: RunSpec, recipe: Recipe) -> dict[str, Any] | None:
@@ -158,10 +202,12 @@ def _reuse(config: StudyConfig, spec: RunSpec, recipe: Recipe) -> dict[str, Any]
     result = load_result(config, spec)
     if result is None:
         return None
-    if result.get("settings") != run_settings(config, recipe):
+    if result.get("settings") != run_settings(config, recipe, spec):
         raise StudyError(f"{run_dir(config, spec)} was run with other settings than {config.source} now "
                          "gives (finetune, router, recipe or generation options): choose another "
                          "output_dir or delete that run's folder")
+    if result.get("measures") != MEASURES:  # measured otherwise: measure again (nothing retrains)
+        return None
     return result
 
 
@@ -180,37 +226,51 @@ def _report(config: StudyConfig, data: StudyData, runs: dict[RunSpec, dict[str, 
     figures = {}
     if config.experiments.data_size:
         figures["training-data size"] = summary.data_size_figure(config, runs)
-    test = list(read_jsonl(data.test))
     analyses: list[ModelAnalysis] = []
     for method in config.experiments.diversity.methods if config.experiments.diversity else []:
         spec = main_run(config, method, config.seeds[0])
         model, processor = load_model(str(run_dir(config, spec) / FINAL_STAGE))
-        analyses.append(analyze_model(model, processor, test, name=METHODS[method].label,
-                                      batch_size=config.generation.batch_size, source=str(data.test)))
+        path = data.test_for(METHODS[method].question_skills)  # labelled with the model's taxonomy
+        analyses.append(analyze_model(model, processor, list(read_jsonl(path)), name=METHODS[method].label,
+                                      batch_size=config.generation.batch_size, source=str(path)))
     shown = _sample_run(config, runs)
+    test = list(read_jsonl(data.test_for(METHODS[shown.method].question_skills)))
     predictions = read_predictions(run_dir(config, shown) / "eval" / "predictions.jsonl")
     caption = f"{config.name} ({len(config.seeds)} seed(s): mean ± sd)"
     return write_report(config.out, title=config.name, models=analyses,
-                        scores={f"{name} · {caption}": {"methods": rows} for name, rows in tables.items()},
+                        scores={f"{name} · {caption}{_note(rows)}": {"methods": rows}
+                                for name, rows in tables.items()},
                         samples=sample_views(test, predictions, limit=6), figures=figures,
                         sources={"config": config.source, "train": str(data.train), "test": str(data.test),
                                  "runs": str(config.out / "runs"),
                                  "sample answers": f"{METHODS[shown.method].label} ({shown.name})"})
 
 
+def _note(rows: dict[str, Any]) -> str:
+    """The caption's footnote on a table with an oracle row: what its † means."""
+    oracles = [m.label for m in METHODS.values() if m.oracle]
+    return f" · {ORACLE_NOTE}" if any(label in rows for label in oracles) else ""
+
+
 def _sample_run(config: StudyConfig, runs: dict[RunSpec, dict[str, Any]]) -> RunSpec:
-    """Whose answers the report shows: a MoSE method's first main run if there is one (skill chains)."""
+    """Whose answers the report shows: a routed MoSE method's first main run if there is one (skill
+    chains its own routers chose), never the oracle's if another method ran."""
     main = config.experiments.main.methods if config.experiments.main else []
-    method = next((m for m in main if METHODS[m].mose), None)
-    return main_run(config, method, config.seeds[0]) if method else min(runs, key=lambda s: s.order)
+    method = next((m for m in main if METHODS[m].routed), None)
+    if method:
+        return main_run(config, method, config.seeds[0])
+    return min(runs, key=lambda s: (METHODS[s.method].oracle, s.order))
 
 
-def _data_line(data: StudyData, annotation: Annotation | None) -> str:
+def _data_line(data: StudyData, annotation: Annotation | None, questions: Annotation | None = None) -> str:
     line = f"train {data.train}, test {data.test}"
     if annotation is not None:
         agreement = ("" if annotation.agreement is None else
                      f"; they agree with the records' own skills on {annotation.agreement:.1%} of levels")
         line += f"; rules {annotation.rules!r} labelled {annotation.samples} training records{agreement}"
+    if questions is not None:
+        line += (f"; rules {questions.rules!r} labelled {questions.samples} training and "
+                 f"{questions.test_samples} test records with taxonomy {questions.taxonomy!r}")
     return line
 
 

@@ -4,29 +4,41 @@ Experiments share runs: the main comparison's MoSE at the full data and the
 default labelled set is also the data-size curve's last point and one row of
 the skill-data table, so it trains once. A run that finished left
 `result.json` in its folder (written last, atomically) and is not run again.
+
+A run's result holds its test scores and what the tables measure beside them:
+the router stage's held-out accuracy and its linear-probe ceiling (`router`),
+the answers' routing agreement with the test labels (`routing`), and expert
+diversity over the experts the test split reached (`expert_similarity`,
+`never_routed_experts`). A result measured by an earlier version of these
+measures (`measures`) is measured again from the run's saved model and
+predictions, never trained again.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mose.data import read_jsonl
 from mose.data.schema import atomic_path
-from mose.eval.analysis import expert_similarity
-from mose.layers.blocks import expert_blocks
+from mose.eval.batching import is_mose
+from mose.eval.predictions import read_predictions
 from mose.models.loading import load_model
 from mose.study.config import StudyConfig, StudyError
 from mose.study.data import StudyData
-from mose.study.measure import active_params, evaluate, trainable_params
+from mose.study.measure import active_params, diversity, evaluate, routing_on_test, trainable_params
 from mose.study.methods import FINAL_STAGE, METHODS, method_stages
 from mose.train import train
 from mose.train.data import EncodingCache
 from mose.train.recipe import Recipe, RecipeError, recipe_from_dict
 
 RUN_RESULT_FILE = "result.json"
+# The version of what `execute` measures beside the scores: a result with another is measured again.
+MEASURES = 2  # 2: router-stage and test routing accuracy, diversity over the experts that got tokens
+ROUTER_METRICS = ("router_acc/", "probe_acc/")  # the router stage's held-out metrics a result keeps
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,7 @@ class RunSpec:
     @property
     def name(self) -> str:
         name = f"{self.method}/f{self.fraction:g}"
-        if METHODS[self.method].mose:
+        if METHODS[self.method].routed:
             name += f"-l{'all' if self.labelled is None else self.labelled}"
         return f"{name}-s{self.seed}"
 
@@ -52,7 +64,7 @@ class RunSpec:
 
 def default_labelled(config: StudyConfig, method: str) -> int | None:
     """The labelled set a method's routers learn from outside the skill-data experiment."""
-    return config.router.get("labelled") if METHODS[method].mose else None
+    return config.router.get("labelled") if METHODS[method].routed else None
 
 
 def main_run(config: StudyConfig, method: str, seed: int) -> RunSpec:
@@ -79,8 +91,17 @@ def plan_runs(config: StudyConfig) -> list[RunSpec]:
 def run_recipe(config: StudyConfig, spec: RunSpec, data: StudyData, start: str) -> Recipe:
     """The training recipe of one run, from `start` (the pretrained tiny model or the checkpoint)."""
     router = {**config.router, "labelled": spec.labelled}
-    stages = method_stages(spec.method, config.finetune, router, config.taxonomy,
-                           str(data.labelled) if data.labelled else None)
+    # The oracle fine-tunes on labelled records: the world's carry their own skills; a benchmark's
+    # are the labelled file's (data.labelled, or the shipped rules' labels of the training split).
+    oracle_data = str(data.labelled) if config.world is None and data.labelled else None
+    taxonomy, labelled, sft_data = config.taxonomy, data.labelled, None
+    if METHODS[spec.method].question_skills:  # its routers and its fine-tuning read question labels
+        if data.labelled_question is None:
+            raise StudyError(f"{config.source}: run {spec.name} needs the question-labelled training split")
+        taxonomy, labelled = config.question_taxonomy, data.labelled_question
+        sft_data = str(labelled)
+    stages = method_stages(spec.method, config.finetune, router, taxonomy,
+                           str(labelled) if labelled else None, oracle_data, sft_data)
     recipe = {**config.recipe, "model": start, "output_dir": str(run_dir(config, spec)), "seed": spec.seed,
               "data": {**config.recipe.get("data", {}), "train": str(data.train), "fraction": spec.fraction},
               "stages": stages}
@@ -113,34 +134,52 @@ def load_result(config: StudyConfig, spec: RunSpec) -> dict[str, Any] | None:
 
 def execute(config: StudyConfig, spec: RunSpec, recipe: Recipe, data: StudyData,
             encodings: EncodingCache | None = None) -> dict[str, Any]:
-    """Train (resuming what an interrupted run left), answer the test split, and measure."""
+    """Train (resuming what an interrupted run left), answer the test split, and measure.
+
+    Finished stages and predictions are reused, so a finished run is only measured again.
+    """
     out = run_dir(config, spec)
-    train(recipe, resume=True, encodings=encodings)
+    stages = train(recipe, resume=True, encodings=encodings)
     model, processor = load_model(str(out / FINAL_STAGE))
-    test = list(read_jsonl(data.test))
-    evaluation = evaluate(model, processor, test, data.test, out / "eval", config.generation.max_new_tokens,
-                          config.generation.batch_size, config.score, config.judge)
-    result = {"run": asdict(spec), "settings": run_settings(config, recipe), "scores": evaluation.scores,
-              "trainable_params": trainable_params(model), "active_params": active_params(model),
+    # Scored against its own taxonomy's labels (routing); the levels questions belong to, so the
+    # scores by level, are the same under both labels (tests/unit/test_question_skills.py).
+    test_path = data.test_for(METHODS[spec.method].question_skills)
+    test = list(read_jsonl(test_path))
+    forced = METHODS[spec.method].oracle
+    evaluation = evaluate(model, processor, test, test_path, out / "eval", config.generation.max_new_tokens,
+                          config.generation.batch_size, config.score, config.judge, force_skills=forced)
+    predictions = read_predictions(out / "eval" / "predictions.jsonl")
+    routing = (routing_on_test(predictions, test, model.mose_config.taxonomy.level_names)
+               if is_mose(model) else None)
+    experts = diversity(model, processor, test, batch_size=config.generation.batch_size,
+                        force_skills=forced, source=str(test_path))
+    result = {"run": asdict(spec), "settings": run_settings(config, recipe, spec), "measures": MEASURES,
+              "scores": evaluation.scores, "trainable_params": trainable_params(model),
+              "active_params": active_params(model),
               "total_params": sum(p.numel() for p in model.parameters()),
-              "tokens_per_s": round(evaluation.tokens_per_s, 1), "expert_similarity": _similarity(model)}
+              "tokens_per_s": round(evaluation.tokens_per_s, 1),
+              "router": router_metrics(stages.get("router")), "routing": routing,
+              "expert_similarity": None if experts is None else experts.similarity,
+              "never_routed_experts": None if experts is None else experts.never_routed,
+              "routed_experts": None if experts is None else experts.experts}
     with atomic_path(out / RUN_RESULT_FILE) as temp:
         temp.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def run_settings(config: StudyConfig, recipe: Recipe) -> dict[str, Any]:
+def router_metrics(stage: dict[str, Any] | None) -> dict[str, float] | None:
+    """The router stage's held-out metrics (fractions): its routers' accuracy per level and chain
+    (`router_acc/...`) and the linear probe's on the same pooled inputs (`probe_acc/...`)."""
+    if stage is None:
+        return None
+    return {k: float(v) for k, v in stage.items()
+            if k.startswith(ROUTER_METRICS) and isinstance(v, int | float) and math.isfinite(v)}
+
+
+def run_settings(config: StudyConfig, recipe: Recipe, spec: RunSpec | None = None) -> dict[str, Any]:
     """What a run's result depends on: a finished run is reused only while these stay the same."""
     # Another judge gives other scores (its retries and workers only decide how it is asked).
     judge = {k: v for k, v in config.judge.items() if k in ("judge_model", "judge_base_url")}
+    forced = spec is not None and METHODS[spec.method].oracle  # answers routed by the test labels
     return {"recipe": recipe.to_dict(), "generation": asdict(config.generation), "score": config.score,
-            **({"judge": judge} if judge else {})}
-
-
-def _similarity(model: Any) -> float | None:
-    """Mean cosine similarity between distinct routed experts over the MoE layers (None: dense)."""
-    if not expert_blocks(model):
-        return None
-    pairs = [layer.routed_off_diagonal() for layer in expert_similarity(model)]
-    means = [float(p.mean()) for p in pairs if p.size]
-    return sum(means) / len(means) if means else None
+            **({"judge": judge} if judge else {}), **({"test_routes": "labelled"} if forced else {})}

@@ -1,6 +1,14 @@
 """From run results to the study's tables and figure: mean ± spread over seeds.
 
 The spread is the sample standard deviation over seeds (0 with one seed).
+
+Beside every MoSE row the main table shows how well it routes, in %: on the test
+split after fine-tuning, how often the answers' skill chains pick the labelled
+skill (`routing <level>`, `routing chain`); after the router stage, on its
+held-out labelled split, the routers' own accuracy (`router <level>`, `router
+chain`) and the ceiling a linear probe fitted on the same pooled inputs reaches
+(`probe <level>`). "—" where a method has no routers (or the oracle, none that
+choose). The oracle's row (†) reads the test labels: an upper bound, not a result.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from mose.eval.report import figure_png
+from mose.skills.taxonomy import load_taxonomy
 from mose.study.config import StudyConfig
 from mose.study.methods import METHODS
 from mose.study.runs import RunSpec, default_labelled, main_run
@@ -54,15 +63,49 @@ def _metrics(bench: str, runs: Iterable[dict[str, Any]]) -> dict[str, list[float
 
 
 def main_table(config: StudyConfig, results: Results) -> dict[str, dict[str, Any]]:
-    """Per method: every headline metric, parameters and speed (the paper's Tables 1 and 2)."""
+    """Per method: every headline metric, routing accuracy (MoSE methods), parameters and speed
+    (the paper's Tables 1 and 2)."""
+    methods = config.experiments.main.methods
+    levels = load_taxonomy(config.taxonomy).level_names if any(METHODS[m].mose for m in methods) else ()
     table = {}
-    for method in config.experiments.main.methods:
+    for method in methods:
         runs = _over_seeds(results, lambda s, m=method: _is_main(config, s, m))
+        scores = {k: fmt(v) for k, v in _metrics(config.score, runs).items() if k != "routing chain"}
         table[METHODS[method].label] = {
-            **{k: fmt(v) for k, v in _metrics(config.score, runs).items()},
+            **scores, **(routing_cells(runs if METHODS[method].mose else [], levels) if levels else {}),
             "trainable": f"{runs[0]['trainable_params']:,}", "active": f"{runs[0]['active_params']:,}",
             "tokens/s": fmt([r["tokens_per_s"] for r in runs], 0)}
     return table
+
+
+def routing_cells(runs: Sequence[dict[str, Any]], levels: Sequence[str]) -> dict[str, str]:
+    """Routing accuracy in % over the runs (see the module docstring); "—" where a run lacks it."""
+    columns: dict[str, list[float | None]] = {}
+    for key in [*levels, "chain"]:
+        columns[f"routing {key}"] = [_test_routing(run, key) for run in runs]
+    for key in [*levels, "chain"]:
+        columns[f"router {key}"] = [_router_stage(run, f"router_acc/{key}") for run in runs]
+    for key in levels:
+        columns[f"probe {key}"] = [_router_stage(run, f"probe_acc/{key}") for run in runs]
+    return {name: fmt(_all_or_none(values)) for name, values in columns.items()}
+
+
+def _test_routing(run: dict[str, Any], key: str) -> float | None:
+    """The answers' agreement with the test labels (a level, or "chain"), in %."""
+    # A result measured before `routing` was kept: the world scorer's count, the same one.
+    routing = run.get("routing") or run["scores"].get("routing") or {}
+    return routing.get("chain") if key == "chain" else routing.get("by_level", {}).get(key)
+
+
+def _router_stage(run: dict[str, Any], metric: str) -> float | None:
+    """A held-out metric of the run's router stage (kept as a fraction), in %."""
+    fraction = (run.get("router") or {}).get(metric)
+    return None if fraction is None else 100.0 * fraction
+
+
+def _all_or_none(values: Sequence[float | None]) -> list[float]:
+    """Every seed's value, or none at all: a mean over some seeds would pass for all of them."""
+    return [] if any(v is None for v in values) else list(values)
 
 
 def data_size_table(config: StudyConfig, results: Results) -> dict[str, dict[str, Any]]:
@@ -106,12 +149,17 @@ def skill_data_table(config: StudyConfig, results: Results) -> dict[str, dict[st
 
 
 def diversity_table(config: StudyConfig, results: Results) -> dict[str, dict[str, Any]]:
-    """Per method, the mean cosine similarity between its routed experts (the paper's Fig. 8)."""
+    """Per method, the mean cosine similarity between its routed experts that the test split reached
+    (the paper's Fig. 8), and how many routed experts it never reached."""
     table = {}
     for method in config.experiments.diversity.methods:
         runs = _over_seeds(results, lambda s, m=method: _is_main(config, s, m))
         values = [r["expert_similarity"] for r in runs if r["expert_similarity"] is not None]
-        table[METHODS[method].label] = {"expert similarity": fmt(values, 4)}  # "—": no routed experts
+        never = _all_or_none([r.get("never_routed_experts") for r in runs])
+        experts = {r.get("routed_experts") for r in runs}
+        of = f" of {experts.pop():,}" if never and len(experts) == 1 else ""
+        table[METHODS[method].label] = {"expert similarity": fmt(values, 4),  # "—": no routed experts
+                                        "never routed": fmt(never, 0 if len(set(never)) == 1 else 1) + of}
     return table
 
 
