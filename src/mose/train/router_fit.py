@@ -104,8 +104,7 @@ def fit_routers(model: nn.Module, name: str, stage: RouterStage, dataset: Encode
     routers = {b.layer_idx: b.router for b in blocks}
     metrics = _fit(model, routers, levels, train, held, stage, ctx, name)
     metrics.update(_probe_ceiling(model, levels, train, held))
-    held_metrics = router_accuracy(model, held_out, ctx.collator, stage.batch_size)
-    metrics.update(held_metrics)
+    metrics.update(router_accuracy(model, held_out, ctx.collator, stage.batch_size))
     return metrics
 
 
