@@ -26,13 +26,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from transformers import get_scheduler
 
 from mose.data.collate import Collator, EncodedDataset
-from mose.layers import MoSEBlock, expert_blocks
+from mose.layers import MoSEBlock, expert_blocks, skill_routing_loss
 from mose.probe import probe_accuracy
 from mose.train.loop import SCHEDULES, LoopContext, StageLogger, adamw, freeze_all_but
 from mose.train.recipe import RouterStage
@@ -163,11 +162,10 @@ def _fit(model: nn.Module, routers: dict[int, nn.Module], levels: dict[int, int]
 
 def pooled_skill_loss(routers: dict[int, nn.Module], levels: dict[int, int], inputs: PooledInputs,
                       rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over layers and samples of the skill cross-entropy (on `rows`, or all samples)."""
-    labels = inputs.labels if rows is None else inputs.labels[rows]  # (B, L)
-    losses = [F.cross_entropy(router(inputs.features[k] if rows is None else inputs.features[k][rows]),
-                              labels[:, levels[k]]) for k, router in routers.items()]
-    return torch.stack(losses).mean()
+    """The routers' skill loss (`skill_routing_loss`) on cached inputs: `rows` of them, or all."""
+    pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+    logits = {k: router(pick(inputs.features[k])) for k, router in routers.items()}  # (B, S) each
+    return skill_routing_loss(logits, levels, pick(inputs.labels))
 
 
 @torch.no_grad()
