@@ -15,7 +15,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
 from mose import MoSEConfig, TokenMoEConfig
-from mose.convert import _mose_block, _token_moe_block
+from mose.inject import mose_block, token_moe_block
 from mose.routing import RoutingState
 
 
@@ -28,12 +28,12 @@ def build_variants(hidden: int, inter: int, device, dtype):
         ("MoSE shared+top1", MoSEConfig(), 2.0),
         ("MoSE groups shared+top1", MoSEConfig(modality_groups=True), 2.0),
     ]:
-        variants[name] = (_mose_block(dense, cfg, RoutingState(), 0, 0), ideal)
+        variants[name] = (mose_block(dense, cfg, RoutingState(), 0, 0), ideal)
     for experts in (4, 8):
         for shared in (False, True):
             cfg = TokenMoEConfig(num_experts=experts, shared_expert=shared)
             label = f"token MoE {experts}x1" + (" +shared" if shared else "")
-            variants[label] = (_token_moe_block(dense, cfg, RoutingState(), 0), 2.0 if shared else 1.0)
+            variants[label] = (token_moe_block(dense, cfg, RoutingState(), 0), 2.0 if shared else 1.0)
         hf = Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(
             hidden_size=hidden, moe_intermediate_size=inter, shared_expert_intermediate_size=inter,
             num_experts=experts, num_experts_per_tok=1, norm_topk_prob=True)).to(device, dtype)
@@ -49,7 +49,7 @@ def prepare(module, x: torch.Tensor, num_skills: int = 5) -> None:
     if state is None:
         return
     batch, seq, _ = x.shape
-    state.begin(seq_len=seq, attention_mask=None, decoding=False, decode_routing="once",
+    state.begin(seq_len=seq, attention_mask=None, past_length=0, decode_routing="once",
                 image_mask=torch.arange(seq, device=x.device).expand(batch, -1) < seq // 4,
                 skill_labels=torch.arange(batch, device=x.device).remainder(num_skills)[:, None])
 

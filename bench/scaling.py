@@ -37,7 +37,7 @@ def main() -> None:
         cfg = MoSEConfig(taxonomy=taxonomy(n), layers=[0])
         block = _mose_block(dense, cfg, RoutingState(), 0, 0)
         # Samples spread over as many skills as the batch allows.
-        block.state.begin(seq_len=seq, attention_mask=None, image_mask=None, decoding=False,
+        block.state.begin(seq_len=seq, attention_mask=None, image_mask=None, past_length=0,
                           decode_routing="once",
                           skill_labels=torch.arange(batch, device=device).remainder(n)[:, None])
         blocks[n] = block

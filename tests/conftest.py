@@ -75,6 +75,20 @@ def sharpen_routers(model, seed: int = 0, std: float = 2.0, spread: dict | None 
             block.router.weight -= (block.router.weight @ direction)[:, None] * direction[None, :]
 
 
+def distinct_experts(model, seed: int = 0, scale: float = 0.5) -> None:
+    """Perturb every expert differently, so that which expert a token went through shows.
+
+    Upcycled experts are exact copies of one FFN: a sample sent through its batch mate's
+    expert would give the same output, and a test of routing would pass with routing broken.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in mose_blocks(model):
+            for weight in (block.experts.gate_up_proj, block.experts.down_proj):
+                noise = torch.randn(weight.shape, generator=generator)  # (E, out, in)
+                weight += noise.to(weight.dtype) * weight.std() * scale
+
+
 def prompt_batch(processor, samples) -> dict:
     """The model inputs of the samples' prompts (left padded, as generation takes them)."""
     from mose.data.collate import Collator, SampleEncoder

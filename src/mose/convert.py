@@ -1,22 +1,14 @@
-"""convert(model, cfg): turn FFNs into MoSE or token-MoE blocks, in place.
-
-Every expert starts as a copy of the FFN it replaces (upcycling). With a shared
-expert, shared and routed outputs are each scaled by 1/2, and routed weights
-sum to one, so the converted model computes exactly what the dense one did.
-"""
+"""convert(model, cfg): turn FFNs into MoSE or token-MoE blocks, in place (see `mose.inject`),
+and make the model an instance of its converted class (`mose.modeling`), which saves and loads."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from mose.arch import Arch, arch_of
-from mose.config import MoSEConfig, TokenMoEConfig, resolve_layers
-from mose.layers.blocks import ExpertBlock, MoSEBlock, TokenMoEBlock, upcycled_shared
-from mose.layers.experts import Experts
-from mose.layers.router import Router
-from mose.routing import RoutingState
-
-AnyConfig = MoSEConfig | TokenMoEConfig
+from mose.arch import arch_of
+from mose.config import MoSEConfig, TokenMoEConfig
+from mose.inject import AnyConfig, inject
+from mose.modeling import mose_classes
 
 
 def convert(model: nn.Module, cfg: AnyConfig) -> nn.Module:
@@ -26,8 +18,6 @@ def convert(model: nn.Module, cfg: AnyConfig) -> nn.Module:
     blocks), whose forward accepts `skill_labels=` and whose `save_pretrained`
     output loads back with `mose.from_pretrained` or transformers' Auto classes.
     """
-    from mose.modeling import mose_classes  # the subclasses import this module
-
     if not isinstance(cfg, MoSEConfig | TokenMoEConfig):
         raise TypeError(f"cfg must be a MoSEConfig or TokenMoEConfig, got {type(cfg).__name__}")
     arch = arch_of(model)
@@ -37,75 +27,3 @@ def convert(model: nn.Module, cfg: AnyConfig) -> nn.Module:
     model.config.mose = cfg.to_dict()
     model.__class__ = model_class
     return model
-
-
-def inject(model: nn.Module, arch: Arch, cfg: AnyConfig) -> None:
-    """Replace the chosen layers' FFNs with blocks sharing one RoutingState."""
-    layers = arch.layers(model)
-    indices = resolve_layers(cfg.layers, len(layers))
-    already = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, ExpertBlock)]
-    if already:
-        raise ValueError(f"model is already converted (MoE blocks at layers {already})")
-    for i in indices:
-        _check_ffn(layers[i].mlp, i)
-    state = RoutingState()
-    if isinstance(cfg, MoSEConfig):
-        level_of_layer = cfg.level_of_layers(indices)
-        for i in indices:
-            block = _mose_block(layers[i].mlp, cfg, state, i, level_of_layer[i])
-            layers[i].mlp = block
-            # A bound method, not a closure, so copy.deepcopy rebinds it to the copy's block.
-            layers[i].register_forward_pre_hook(block.observe_layer_input, with_kwargs=True)
-    else:
-        for i in indices:
-            layers[i].mlp = _token_moe_block(layers[i].mlp, cfg, state, i)
-    model.mose_state = state
-
-
-def _check_ffn(mlp: nn.Module, index: int) -> None:
-    parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    if not all(isinstance(p, nn.Linear) for p in parts) or not hasattr(mlp, "act_fn"):
-        raise ValueError(
-            f"layer {index}: the FFN {type(mlp).__name__} is not a gated MLP "
-            "(gate_proj, up_proj, down_proj, act_fn)"
-        )
-    if any(p.bias is not None for p in parts):
-        raise ValueError(f"layer {index}: FFNs with biases are not supported")
-
-
-def _shared_and_scale(mlp: nn.Module, shared_expert: bool) -> tuple[nn.Module | None, float]:
-    # Shared and routed outputs each get half the FFN so their sum is the FFN.
-    return (upcycled_shared(mlp, 0.5), 0.5) if shared_expert else (None, 1.0)
-
-
-def _mose_block(mlp: nn.Module, cfg: MoSEConfig, state: RoutingState, index: int,
-                level: int) -> MoSEBlock:
-    num_skills = len(cfg.taxonomy.levels[level].skills)
-    shared, scale = _shared_and_scale(mlp, cfg.shared_expert)
-    per_skill = 2 if cfg.modality_groups else 1
-    weight = mlp.gate_proj.weight
-    return MoSEBlock(
-        router=Router(weight.shape[1], num_skills, dtype=weight.dtype, device=weight.device),
-        experts=Experts.upcycle(mlp, num_skills * per_skill, scale),
-        shared=shared,
-        state=state,
-        layer_idx=index,
-        level=level,
-        top_k=cfg.top_k,
-        modality_groups=cfg.modality_groups,
-    )
-
-
-def _token_moe_block(mlp: nn.Module, cfg: TokenMoEConfig, state: RoutingState,
-                     index: int) -> TokenMoEBlock:
-    shared, scale = _shared_and_scale(mlp, cfg.shared_expert)
-    weight = mlp.gate_proj.weight
-    return TokenMoEBlock(
-        router=Router(weight.shape[1], cfg.num_experts, dtype=weight.dtype, device=weight.device),
-        experts=Experts.upcycle(mlp, cfg.num_experts, scale),
-        shared=shared,
-        state=state,
-        layer_idx=index,
-        top_k=cfg.top_k,
-    )
-

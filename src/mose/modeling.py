@@ -21,7 +21,7 @@ import torch
 
 from mose.arch import ARCHS, Arch
 from mose.config import MoSEConfig, TokenMoEConfig, config_from_dict, resolve_layers
-from mose.convert import inject
+from mose.inject import inject
 from mose.layers.losses import skill_routing_loss
 from mose.routing import RoutingState, SkillChain, skill_chain_list, skill_label_tensor
 
@@ -88,7 +88,7 @@ class MoSEModelMixin:
             routing_mask=routing_mask,
             image_mask=self._image_mask(input_ids) if getattr(cfg, "modality_groups", False) else None,
             skill_labels=labels,
-            decoding=past is not None and past.get_seq_length() > 0,
+            past_length=0 if past is None else past.get_seq_length(),
             decode_routing=getattr(cfg, "decode_routing", "once"),
         )
         output = super().forward(input_ids, attention_mask, *args, **kwargs)
@@ -100,6 +100,20 @@ class MoSEModelMixin:
             output["aux_loss"] = torch.stack(list(state.aux_losses.values())).mean()
         return output
 
+    def _prefill(self, input_ids: torch.Tensor, generation_config, model_kwargs: dict,
+                 *args: Any, **kwargs: Any):
+        """generate's prefill, marked as a new prompt: routes are chosen on it (and on the
+        filled cache it continues, if any) rather than kept from the previous call."""
+        if generation_config.prefill_chunk_size is not None and isinstance(self.mose_config, MoSEConfig):
+            raise ValueError(
+                "MoSE routes a prompt on the mean hidden state of all its tokens before its FFNs run, "
+                "which a chunk of it does not have: generate with prefill_chunk_size=None")
+        self.mose_state.prefilling = True
+        try:
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            self.mose_state.prefilling = False
+
     def save_pretrained(self, save_directory, *args: Any, save_original_format: bool = False,
                         **kwargs: Any) -> None:
         """transformers' save, in the live module names by default.
@@ -108,6 +122,23 @@ class MoSEModelMixin:
         be written back in that layout, which the converted class cannot map.
         """
         super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                         *args: Any, **kwargs: Any) -> None:
+        """transformers' activation checkpointing, refusing the reentrant kind.
+
+        Routes are chosen in each decoder layer's pre-hook, outside the checkpointed
+        forward, and a token MoE leaves its balance loss in the routing state: reentrant
+        checkpointing runs the first forward without a graph and replays it in backward,
+        so the route weights' graph would be walked twice (an error) and the balance loss
+        would train nothing. The non-reentrant kind (transformers' default) has neither problem.
+        """
+        if (activation_checkpointing_kwargs or {}).get("use_reentrant", False):
+            raise ValueError(
+                f"{type(self).__name__}: use_reentrant=True checkpointing cannot train routed blocks "
+                "(routes are chosen outside the checkpointed forward); pass use_reentrant=False "
+                "or leave the kwargs out")
+        super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
 
     @contextmanager
     def routing_only(self) -> Iterator[None]:
@@ -167,7 +198,9 @@ def mose_classes(arch: Arch) -> tuple[type, type]:
         f"MoSE{base_model.__name__}",
         (MoSEModelMixin, base_model),
         {"config_class": config_class, "mose_arch": arch, "__module__": __name__,
-         "forward": _forward_with_signature_of(base_model.forward)},
+         "forward": _forward_with_signature_of(base_model.forward),
+         # Routers load as float32 whatever dtype the rest loads in (see `Router`).
+         "_keep_in_fp32_modules_strict": ["router"]},
     )
     globals()[config_class.__name__] = config_class  # importable by name, like any class
     globals()[model_class.__name__] = model_class

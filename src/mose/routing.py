@@ -66,7 +66,11 @@ class RoutingState:
     image_mask: torch.Tensor | None = None  # (B, T) bool: image tokens
     skill_labels: torch.Tensor | None = None  # (B, L) long: forced skill per level
     decoding: bool = False  # this forward continues a cached sequence
-    reuse_routes: bool = False  # decoding with "once" routing: keep the prompt's route
+    reuse_routes: bool = False  # a decode step with "once" routing: keep the prompt's route
+    # generate's prefill: the forward brings a new prompt (maybe after a filled cache), so
+    # "once" routing routes again, on the mean over every token cached so far and the prompt's
+    prefilling: bool = False
+    cached_tokens: int = 0  # positions the running totals cover (the cache's length, kept in step)
     routes: dict[int, Route] = field(default_factory=dict)
     running: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     router_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward only
@@ -91,10 +95,17 @@ class RoutingState:
         image_mask: torch.Tensor | None,
         routing_mask: torch.Tensor | None = None,
         skill_labels: torch.Tensor | None,
-        decoding: bool,
+        past_length: int,
         decode_routing: str,
     ) -> None:
-        """Set up for one forward pass over `seq_len` new tokens."""
+        """Set up for one forward pass over `seq_len` new tokens after `past_length` cached ones."""
+        decoding = past_length > 0
+        if decoding and self.prefilling and past_length != self.cached_tokens:
+            raise RuntimeError(
+                f"the cache holds {past_length} tokens but this model's routing state covers "
+                f"{self.cached_tokens}: MoSE routes read the mean hidden state of every cached token, "
+                "which the model keeps while it fills the cache, so a cache filled, copied or cropped "
+                "elsewhere cannot be continued; pass the whole sequence without a cache")
         if attention_mask is not None and attention_mask.dim() == 2:
             # During cached decoding the mask covers past + new tokens: keep the new ones.
             self.token_mask = attention_mask[:, -seq_len:].bool()  # (B, T)
@@ -106,7 +117,8 @@ class RoutingState:
         self.image_mask = image_mask
         self.skill_labels = skill_labels
         self.decoding = decoding
-        self.reuse_routes = decoding and decode_routing == "once"
+        self.reuse_routes = decoding and decode_routing == "once" and not self.prefilling
+        self.cached_tokens = past_length + seq_len
         if not decoding:
             self.routes.clear()
             self.running.clear()

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import mose
-from conftest import mose_blocks, sharpen_routers, vl_batch
+from conftest import distinct_experts, mose_blocks, sharpen_routers, vl_batch
 
 
 def converted(tiny, **cfg):
     model, processor = tiny("qwen2_vl")
     model = mose.convert(model, mose.MoSEConfig(**cfg))
+    distinct_experts(model)  # a sample sent through another's expert must show
     sharpen_routers(model)
     return model, processor
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import mose
-from conftest import prompt_batch, sharpen_routers
+from conftest import distinct_experts, prompt_batch, sharpen_routers
 from mose.data import DataError, Sample, read_jsonl
 from mose.data.world import generate
 from mose.eval.batching import (
@@ -37,6 +37,7 @@ def converted(tmp_path_factory, samples):
     saved and loaded like a checkpoint."""
     model, processor = mose.tiny_model("qwen2_vl", seed=0)
     model = mose.convert(model, mose.MoSEConfig(taxonomy="robot"))
+    distinct_experts(model)  # route-aware batching must give each sample its own expert
     sharpen_routers(model, seed=3, spread=prompt_batch(processor, samples))
     path = tmp_path_factory.mktemp("model")
     model.save_pretrained(path)

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import mose
-from conftest import mose_blocks, sharpen_routers, vl_batch
+from conftest import distinct_experts, mose_blocks, sharpen_routers, vl_batch
 
 
 def converted(tiny, kind="qwen2_vl", **cfg):
     model, processor = tiny(kind)
     model = mose.convert(model, mose.MoSEConfig(**cfg))
+    distinct_experts(model)  # a sample sent through another's expert must show
     sharpen_routers(model)
     return model, processor
 
@@ -78,11 +79,12 @@ def test_modality_groups_send_image_and_text_tokens_to_different_experts(tiny):
 def test_modality_groups_change_the_output_once_image_and_text_experts_differ(tiny):
     model, processor = converted(tiny, modality_groups=True)
     inputs = vl_batch(processor, [0])
-    before, _ = run(model, inputs)
+    forced = torch.tensor([[1, 2, 0]])  # the route stays put while the image experts change
+    before, _ = run(model, inputs, skill_labels=forced)
     for block in mose_blocks(model):
         with torch.no_grad():
             block.experts.down_proj[0::2].mul_(3.0)  # only the image experts
-    after, _ = run(model, inputs)
+    after, _ = run(model, inputs, skill_labels=forced)
     image = torch.isin(inputs["input_ids"][0], torch.tensor([model.config.image_token_id]))
     changed = (after.logits[0] - before.logits[0]).abs().amax(dim=-1) > 1e-4  # (T,)
     # Image positions change directly; text before the image is untouched by causality.
@@ -150,10 +152,13 @@ def test_skill_chain_reports_router_choice_and_probability_per_level_and_layer(t
 def test_router_learns_from_the_skill_loss_and_from_the_task_loss(tiny):
     model, processor = converted(tiny)
     inputs = vl_batch(processor, [0, 1])
-    out = model(**inputs, labels=inputs["input_ids"], skill_labels=[{"perception": "vru"}] * 2)
     router = mose_blocks(model)[0].router
-    (skill_grad,) = torch.autograd.grad(out.router_loss, router.weight, retain_graph=True)
-    (task_grad,) = torch.autograd.grad(out.loss, router.weight)
+    forced = model(**inputs, labels=inputs["input_ids"], skill_labels=[{"perception": "vru"}] * 2)
+    # A forced route is the label's choice, not the router's: its weight is the constant 1.
+    assert not any(r.weights.requires_grad for r in model.mose_state.routes.values())
+    (skill_grad,) = torch.autograd.grad(forced.router_loss, router.weight)
+    routed = model(**inputs, labels=inputs["input_ids"])
+    (task_grad,) = torch.autograd.grad(routed.loss, router.weight)
     assert skill_grad.abs().sum() > 0
     assert task_grad.abs().sum() > 0  # renormalised top-1 weight keeps a gradient
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import mose
-from conftest import sharpen_routers, text_batch, vl_batch
+from conftest import distinct_experts, sharpen_routers, text_batch, vl_batch
 
 
 @pytest.mark.parametrize("kind, cfg", [
@@ -18,6 +18,7 @@ from conftest import sharpen_routers, text_batch, vl_batch
 def test_round_trip_gives_identical_logits_and_generations(tiny, tmp_path, kind, cfg):
     model, processor = tiny(kind)
     model = mose.convert(model, cfg)
+    distinct_experts(model)
     sharpen_routers(model)
     if kind == "qwen2":
         inputs = text_batch(processor, [0, 1])

@@ -65,16 +65,17 @@ class MoSEBlock(ExpertBlock):
     def observe(self, hidden: torch.Tensor) -> None:
         """Choose this layer's route from the hidden states entering it, (B, T, H)."""
         state = self.state
-        if state.reuse_routes and self.layer_idx in state.routes:
-            return
         mask = state.routed_tokens(hidden)  # (B, T)
         total = (hidden.float() * mask[..., None]).sum(dim=1)  # (B, H)
         count = mask.sum(dim=1, keepdim=True)  # (B, 1)
         if state.decoding and self.layer_idx in state.running:
-            # "running" routing: the mean over every token so far, prompt included.
+            # The mean over every token cached so far: what "running" routing reads at each
+            # step, and "once" routing when a new prompt continues a filled cache.
             past_total, past_count = state.running[self.layer_idx]
             total, count = total + past_total, count + past_count
         state.running[self.layer_idx] = (total.detach(), count)
+        if state.reuse_routes and self.layer_idx in state.routes:
+            return
         pooled = total / count.clamp(min=1.0)  # (B, H)
         state.router_inputs[self.layer_idx] = pooled
         logits = self.router(pooled)  # (B, S)

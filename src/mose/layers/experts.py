@@ -71,13 +71,15 @@ class Experts(nn.Module):
                 y = self._run(gate_up[e], down[e], rows)
                 if scale:
                     w = weights[:, j] if index is None else weights.index_select(0, index)[:, j]
-                    y = y * w[:, None, None].to(x.dtype)
+                    y = y * w[:, None, None].to(y.dtype)
                 if index is None:  # the whole batch: no scatter
                     out = y if out is None else out + y
                     continue
                 if out is None:
+                    # In the experts' output dtype, which autocast makes bf16 while x stays fp32:
+                    # CUDA's index_copy / index_add need equal dtypes (CPU autocast would promote).
                     # Top-1 covers every sample exactly once: copy, no zero fill and add.
-                    out = torch.empty_like(x) if top1 else torch.zeros_like(x)
+                    out = (x.new_empty if top1 else x.new_zeros)(x.shape, dtype=y.dtype)
                 out = out.index_copy(0, index, y) if top1 else out.index_add(0, index, y)
         return out
 
@@ -100,6 +102,7 @@ class Experts(nn.Module):
             if count:
                 chunks.append(self._run(gate_up[e], down[e], xs[start:start + count]))
                 start += count
-        ys = torch.cat(chunks) * weights.reshape(-1)[order, None].to(x.dtype)  # (N*k, H)
-        return torch.zeros_like(x).index_add(0, source, ys)
+        ys = torch.cat(chunks)  # (N*k, H), in the experts' output dtype (bf16 under autocast)
+        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+        return x.new_zeros(x.shape, dtype=ys.dtype).index_add(0, source, ys)  # CUDA: equal dtypes
 

@@ -25,18 +25,31 @@ class Router(nn.Module):
     AdamW barely leaves uniform routing. `input_mean` and `input_scale` are
     fitted on the router stage's labelled inputs (`fit_standardisation`) and
     saved with the model; until then they are the identity (the token-MoE
-    baseline keeps it). The router computes in float32 whatever the autocast
-    state: skill probabilities and the skill loss come from unrounded logits.
+    baseline keeps it). The router holds float32 weights and computes in float32
+    whatever the model's dtype and the autocast state: skill probabilities and the
+    skill loss come from unrounded logits.
     """
 
-    def __init__(self, hidden_size: int, num_choices: int, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None) -> None:
+    def __init__(self, hidden_size: int, num_choices: int, device: torch.device | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_choices, hidden_size, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(num_choices, dtype=dtype, device=device))
+        self.weight = nn.Parameter(torch.empty(num_choices, hidden_size, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(num_choices, dtype=torch.float32, device=device))
         nn.init.normal_(self.weight, std=ROUTER_INIT_STD)
         self.register_buffer("input_mean", torch.zeros(hidden_size, dtype=torch.float32, device=device))
         self.register_buffer("input_scale", torch.ones(hidden_size, dtype=torch.float32, device=device))
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(bfloat16), .half(), DeepSpeed's and FSDP's casts: the router moves with the
+        # model but keeps float32 weights, which a bf16 round trip would round (skills flip).
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return fn(t)
+            target = fn(t.new_empty(0))  # where and in what dtype fn would put t
+            if target.dtype == t.dtype:  # a move (or to_empty from the meta device)
+                return fn(t)
+            return t.to(device=target.device)  # a cast: move only
+
+        return super()._apply(move_only, recurse)
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.input_mean.float()) / self.input_scale.float()
@@ -58,13 +71,15 @@ def top_k(logits: torch.Tensor, k: int,
     """Choose experts from logits (..., E).
 
     Returns (experts (..., k) long, weights (..., k), probs (..., E) float32).
-    With `forced` (...,) the forced expert is the only one, at weight 1.
+    With `forced` (...,) the forced expert is the only one, at the constant weight 1:
+    the router did not choose it, and a fitted router may give it probability 0
+    (p / p would be NaN).
     """
     probs = logits.float().softmax(dim=-1)
     if forced is not None:
         experts = forced.unsqueeze(-1)  # (..., 1)
-    else:
-        experts = probs.topk(k, dim=-1).indices  # (..., k)
+        return experts, torch.ones(experts.shape, device=probs.device), probs
+    experts = probs.topk(k, dim=-1).indices  # (..., k)
     chosen = probs.gather(-1, experts)  # (..., k)
     weights = chosen / chosen.sum(dim=-1, keepdim=True).detach()
     return experts, weights, probs

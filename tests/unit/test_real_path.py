@@ -1,0 +1,199 @@
+"""What a GPU run meets and an fp32 CPU run does not: autocast dtypes, bf16 weights,
+checkpointing, forced routes a fitted router disagrees with, generation from a filled cache."""
+
+import pytest
+import torch
+
+import mose
+from conftest import distinct_experts, mose_blocks, sharpen_routers, text_batch, vl_batch
+from mose.layers import Experts
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def cuda_scatter_rules(monkeypatch):
+    """CUDA's rule for index_copy / index_add under autocast: no promoting kernel, so self and
+    source must have one dtype (CPU autocast promotes, which hid a crash of every bf16 run)."""
+    for name in ("index_copy", "index_add"):
+        original = getattr(torch.Tensor, name)
+
+        def strict(self, dim, index, source, *args, _original=original, _name=name, **kwargs):
+            if self.dtype != source.dtype:
+                raise RuntimeError(f"{_name}: self is {self.dtype} but source is {source.dtype}")
+            with torch.autocast("cpu", enabled=False):
+                return _original(self, dim, index, source, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, strict)
+
+
+def test_the_cuda_rule_is_emulated(cuda_scatter_rules):
+    with pytest.raises(RuntimeError, match="source is torch.bfloat16"):
+        torch.zeros(2, 3).index_copy(0, torch.tensor([0]), torch.ones(1, 3, dtype=BF16))
+
+
+def routed(tiny, cfg, kind="qwen2_vl"):
+    model, processor = tiny(kind)
+    model = mose.convert(model, cfg)
+    distinct_experts(model)
+    sharpen_routers(model)
+    return model, processor
+
+
+@pytest.mark.parametrize("cfg", [
+    mose.MoSEConfig(),  # top-1 by sample: index_copy
+    mose.MoSEConfig(top_k=2),  # index_add
+    mose.MoSEConfig(modality_groups=True),  # by token
+    mose.TokenMoEConfig(num_experts=4, top_k=2, shared_expert=True),
+], ids=["top1", "top2", "groups", "token-moe"])
+def test_blocks_run_under_bf16_autocast_by_cuda_rules(tiny, cuda_scatter_rules, cfg):
+    model, processor = routed(tiny, cfg)
+    inputs = vl_batch(processor, [0, 1, 2, 3])
+    labels = None
+    if isinstance(cfg, mose.MoSEConfig):  # every sample its own skill: the scatter must run
+        labels = torch.tensor([[b % 5, b % 3, b % 4] for b in range(4)])
+    with torch.no_grad():
+        full = model(**inputs, skill_labels=labels).logits
+        with torch.autocast("cpu", dtype=BF16):
+            mixed = model(**inputs, skill_labels=labels).logits
+    assert (mixed.float() - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_routers_stay_float32_when_the_model_is_cast_and_when_it_loads_in_bf16(tiny, tmp_path):
+    model, _ = routed(tiny, mose.MoSEConfig())
+    router = mose_blocks(model)[0].router
+    with torch.no_grad():
+        router.input_scale.fill_(0.3337)  # not a bf16 number
+    saved = {k: v.clone() for k, v in router.state_dict().items()}
+    model.save_pretrained(tmp_path)
+    loaded = mose.from_pretrained(tmp_path, dtype=BF16)
+    model.to(BF16)
+    for m in (model, loaded):
+        block = mose_blocks(m)[0]
+        assert block.experts.gate_up_proj.dtype == BF16
+        for key, value in block.router.state_dict().items():
+            assert value.dtype == torch.float32 and torch.equal(value, saved[key]), key
+
+
+def test_bf16_weights_with_float32_routers_answer(tiny):
+    model, processor = routed(tiny, mose.MoSEConfig())
+    model.to(BF16)
+    with torch.no_grad():
+        out = model(**vl_batch(processor, [0, 1]))
+    assert out.logits.dtype == BF16 and torch.isfinite(out.logits).all()
+    assert all(r.probs.dtype == torch.float32 for r in model.mose_state.routes.values())
+
+
+def test_a_forced_route_the_router_gives_probability_zero_stays_finite(tiny):
+    model, processor = routed(tiny, mose.MoSEConfig())
+    for block in mose_blocks(model):
+        with torch.no_grad():
+            block.router.bias.copy_(torch.tensor([1e4] + [0.0] * (len(block.router.bias) - 1)))
+    inputs = vl_batch(processor, [0, 1])
+    labels = torch.tensor([[1, 1, 1], [2, 2, 2]])  # skills the routers give probability 0
+    out = model(**inputs, skill_labels=labels)
+    assert all(float(r.probs[:, 1:].max()) == 0.0 for r in model.mose_state.routes.values())
+    assert torch.isfinite(out.logits).all()
+    out.logits.float().square().mean().backward()
+    assert torch.isfinite(mose_blocks(model)[1].experts.down_proj.grad).all()
+
+
+def train_grads(model, inputs, labels):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, skill_labels=labels)
+    (out.logits.float().square().mean() + out["router_loss"]).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_checkpointing_gives_the_gradients_of_a_plain_backward(tiny):
+    model, processor = routed(tiny, mose.MoSEConfig())
+    model.requires_grad_(False)
+    for block in mose_blocks(model):
+        block.requires_grad_(True)
+    inputs, labels = vl_batch(processor, [0, 1]), torch.tensor([[0, 1, 2], [3, 0, 1]])
+    plain = train_grads(model, inputs, labels)
+    model.activation_checkpointing_enable()
+    checkpointed = train_grads(model, inputs, labels)
+    assert plain.keys() == checkpointed.keys() and any("router" in n for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_reentrant_checkpointing_is_refused_with_the_reason(tiny):
+    model, _ = routed(tiny, mose.MoSEConfig())
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        model.activation_checkpointing_enable({"use_reentrant": True})
+
+
+def expert_out(experts, x, rows):
+    return torch.stack([experts.expert(e, x[b]) for b, e in enumerate(rows)])  # (B, T, H)
+
+
+def test_each_sample_goes_through_its_own_expert():
+    """by_sample against a per-sample loop, with distinct experts: a sample sent through its
+    batch mate's expert fails here (with upcycled copies it would not)."""
+    torch.manual_seed(0)
+    experts = Experts(4, 8, 16, torch.nn.SiLU())
+    torch.nn.init.normal_(experts.gate_up_proj)
+    torch.nn.init.normal_(experts.down_proj)
+    x = torch.randn(5, 3, 8)
+    chosen = torch.tensor([2, 0, 2, 3, 1])
+    out = experts.by_sample(x, chosen[:, None], torch.ones(5, 1))
+    torch.testing.assert_close(out, expert_out(experts, x, chosen.tolist()))
+    assert not torch.allclose(out, expert_out(experts, x, chosen.roll(1).tolist()))
+
+
+def continued_generation(model, processor, first, then):
+    """Generate after `first`, then continue its cache with the tokens of `then`."""
+    tok = getattr(processor, "tokenizer", processor)
+    inputs = text_batch(tok, [first])
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    more = tok([" " + then], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = torch.cat([out.sequences, more], dim=1)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=out.past_key_values,
+                   max_new_tokens=1, do_sample=False)
+    continued = {i: r.experts.clone() for i, r in model.mose_state.routes.items()}
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))  # the whole sequence, no cache
+    return continued, {i: r.experts for i, r in model.mose_state.routes.items()}
+
+
+def test_generate_from_a_filled_cache_routes_on_the_whole_sequence(tiny):
+    model, processor = routed(tiny, mose.MoSEConfig(), kind="qwen2")
+    for first in range(4):
+        for then in ("describe the red box and the cone", "what is ahead of the car?"):
+            continued, whole = continued_generation(model, processor, first, then)
+            assert continued == whole or all(torch.equal(continued[i], whole[i]) for i in whole)
+
+
+def test_generate_after_a_filled_cache_does_not_keep_the_last_prompts_route(tiny):
+    """Guards the test above: some continuation routes differently from its first prompt."""
+    model, processor = routed(tiny, mose.MoSEConfig(), kind="qwen2")
+    differs = False
+    for first in range(4):
+        with torch.no_grad():
+            model(**text_batch(processor, [first]))
+        before = {i: r.experts.clone() for i, r in model.mose_state.routes.items()}
+        continued, _ = continued_generation(model, processor, first, "describe the red box and the cone")
+        differs |= any(not torch.equal(before[i], continued[i]) for i in before)
+    assert differs
+
+
+def test_a_cache_the_model_did_not_fill_is_refused(tiny):
+    model, processor = routed(tiny, mose.MoSEConfig(), kind="qwen2")
+    tok = getattr(processor, "tokenizer", processor)
+    out = model.generate(**text_batch(tok, [0]), max_new_tokens=2, do_sample=False,
+                         return_dict_in_generate=True)
+    with torch.no_grad():
+        model(**text_batch(tok, [1]))  # another sequence: the state no longer matches that cache
+    ids = out.sequences
+    with pytest.raises(RuntimeError, match="routing state covers"):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       past_key_values=out.past_key_values, max_new_tokens=1, do_sample=False)
+
+
+def test_chunked_prefill_is_refused(tiny):
+    model, processor = routed(tiny, mose.MoSEConfig(), kind="qwen2")
+    with pytest.raises(ValueError, match="prefill_chunk_size=None"):
+        model.generate(**text_batch(processor, [1]), max_new_tokens=2, prefill_chunk_size=4)
