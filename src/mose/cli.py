@@ -18,6 +18,9 @@ app.add_typer(world_app, name="world")
 data_app = typer.Typer(help="Benchmark data in its public formats.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
+DEVICE_HELP = "where the model runs: auto (cuda if there is one, else cpu), cpu, cuda, cuda:N or mps"
+DTYPE_HELP = ("the model's dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, "
+              "bfloat16 or float16")
 
 
 @app.callback()
@@ -31,6 +34,13 @@ def fail(error: Exception) -> None:
     """Print a clear error and exit 2 (bad input), without a traceback."""
     console.print(f"[red]error:[/red] {error}")
     raise typer.Exit(2)
+
+
+def placement(device: str, dtype: str):
+    """--device and --dtype resolved (`mose.models.device`); errors name the flags."""
+    from mose.models.device import resolve_placement
+
+    return resolve_placement(device, dtype, device_name="--device", dtype_name="--dtype")
 
 
 def parse_weights(items: list[str]) -> dict[str, float]:
@@ -217,18 +227,21 @@ def predict(
                                       "labels)"),
     format: str | None = typer.Option(None, "--format", help="coda-lm: also write the answer files "
                                       "CODA-LM's evaluation reads, in OUT's folder under coda-lm/"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Answer every question in one forward pass, with its skill chain; resumable."""
     from mose.data import DataError, read_jsonl
     from mose.eval.coda_lm import write_coda_lm_answers
     from mose.eval.predict import predict as predict_all
-    from mose.models.loading import load_model
+    from mose.models.loading import load_for_inference
 
     if format not in (None, "coda-lm"):
         fail(ValueError(f"--format {format!r}: the one extra format is coda-lm"))
     try:
+        where = placement(device, dtype)  # before any work: a missing GPU is known at once
         samples = list(read_jsonl(data))
-        loaded, processor = load_model(model)
+        loaded, processor = load_for_inference(model, where)
         report = predict_all(loaded, processor, samples, out, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                              top_p=top_p, seed=seed, route_aware=route_aware,
@@ -243,7 +256,7 @@ def predict(
     else:
         routes = f", {report.routes} distinct routes" if report.routes is not None else ""
         console.print(f"wrote {out}: {report.generated} answered ({report.samples_per_second:.1f} "
-                      f"samples/s{routes}), {report.resumed} resumed")
+                      f"samples/s{routes} on {where}), {report.resumed} resumed")
 
 
 @app.command()
@@ -252,14 +265,16 @@ def chat(
     model: str = typer.Option(..., help="model directory, tiny:KIND or Hub id"),
     image: Path | None = typer.Option(None, help="the image the question is about"),
     max_new_tokens: int = typer.Option(256, help="longest answer, in tokens"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """One answer and the skill chain that explains it."""
     from mose.data import DataError
     from mose.eval.chat import answer_one, format_chain
-    from mose.models.loading import load_model
+    from mose.models.loading import load_for_inference
 
     try:
-        loaded, processor = load_model(model)
+        loaded, processor = load_for_inference(model, placement(device, dtype))
         answer, chain = answer_one(loaded, processor, image, question, max_new_tokens=max_new_tokens)
     except (ValueError, DataError, FileNotFoundError) as error:
         fail(error)
@@ -311,6 +326,8 @@ def analyze(
     scores: list[Path] = typer.Option([], help="scores JSON from mose score (repeatable)"),
     max_samples: int = typer.Option(8, help="sample answers shown in the report"),
     batch_size: int = typer.Option(8, help="batch size of the routing pass"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Expert diversity, routing statistics (router accuracy beside its probe ceiling), an HTML report."""
     from rich.markup import escape
@@ -320,8 +337,10 @@ def analyze(
     from mose.eval.report import cell, routing_table
 
     try:
+        where = placement(device, dtype)
         run = run_analysis(model, out, compare_dir=compare, data=data, predictions=pred,
-                           scores=scores, max_samples=max_samples, batch_size=batch_size)
+                           scores=scores, max_samples=max_samples, batch_size=batch_size,
+                           device=where.device, dtype=where.dtype)
     except (ValueError, DataError, FileNotFoundError) as error:
         fail(error)
     for analysis in run.models:

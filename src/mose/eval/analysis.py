@@ -42,6 +42,7 @@ from mose.eval.predictions import Prediction
 from mose.eval.score.choice import parse_choice
 from mose.eval.score.common import exact_match
 from mose.layers.blocks import ExpertBlock, MoSEBlock, expert_blocks
+from mose.models.device import model_device, to_device
 from mose.probe import cross_validated_accuracy
 from mose.routing import SkillChain
 from mose.skills.taxonomy import Taxonomy
@@ -309,7 +310,7 @@ def route_with_inputs(model: Any, processor: Any, samples: Sequence[Sample], *, 
             batch = collate([encoder(s, with_answer=False) for s in rows])
             batch.pop("labels")  # all ignored: a prompt has no answer
             with model.routing_only():  # the routes are all we read
-                model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False)
+                model(**to_device(batch, model_device(model)), use_cache=False)
             chains += model.skill_chains()
             for layer, pooled in model.mose_state.router_inputs.items():
                 inputs.setdefault(layer, []).append(pooled.float().cpu())  # (B, H)

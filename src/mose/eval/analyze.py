@@ -23,6 +23,7 @@ from mose.eval.analysis import AnalysisError, ModelAnalysis, analyze_model, samp
 from mose.eval.batching import check_batch_size
 from mose.eval.predictions import Prediction, read_predictions
 from mose.eval.report import write_report
+from mose.models.device import resolve_placement
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ def analyze(model_dir: str | Path, out_dir: str | Path, **options: Any) -> Path:
 def run_analysis(model_dir: str | Path, out_dir: str | Path, *, compare_dir: str | Path | None = None,
                  data: str | Path | None = None, predictions: str | Path | None = None,
                  scores: Sequence[str | Path] = (), max_samples: int = 8, batch_size: int = 8,
-                 device: str | None = None, progress: bool = True,
-                 title: str = "mose analysis") -> AnalysisRun:
+                 device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
+                 progress: bool = True, title: str = "mose analysis") -> AnalysisRun:
     """Analyse one model (or two, side by side) and write OUT/report.html and OUT/analysis.json.
 
     Args:
@@ -57,10 +58,12 @@ def run_analysis(model_dir: str | Path, out_dir: str | Path, *, compare_dir: str
             and skill chains shown with the samples.
         scores: scores JSON files (`mose score`), one table per file.
         max_samples: how many samples the report shows.
-        device: where the models run (default: cuda when available, else cpu).
+        device, dtype: where and in what precision the models run (`auto`: the GPU in
+            bfloat16 where there is one, else the CPU in float32; see `mose.models.device`).
     """
-    from mose.models.loading import is_converted, load_model, model_type_of
+    from mose.models.loading import is_converted, load_for_inference, model_type_of
 
+    placement = resolve_placement(device, dtype)  # a missing GPU fails before any work
     if predictions is not None and data is None:
         raise AnalysisError("predictions need --data: the samples they answer "
                             "(questions, images, references)")
@@ -68,7 +71,6 @@ def run_analysis(model_dir: str | Path, out_dir: str | Path, *, compare_dir: str
     score_tables = load_scores(scores)  # before any slow work: a bad file fails fast
     samples = list(read_jsonl(data)) if data is not None else None
     answers = _load_predictions(predictions, samples, data) if predictions is not None else None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     analyses = []
     for spec in [model_dir] + ([compare_dir] if compare_dir is not None else []):
         spec = str(spec)
@@ -76,8 +78,8 @@ def run_analysis(model_dir: str | Path, out_dir: str | Path, *, compare_dir: str
         if model_type is not None and not is_converted(model_type):
             raise AnalysisError(f"{spec}: a dense {model_type} model has no experts to compare; analyze "
                                 "a converted MoSE or token-MoE model (a `mose train` stage after convert)")
-        model, processor = load_model(spec)
-        analyses.append(analyze_model(model.to(device), processor, samples, name=spec,
+        model, processor = load_for_inference(spec, placement)
+        analyses.append(analyze_model(model, processor, samples, name=spec,
                                       batch_size=batch_size, progress=progress, source=str(data)))
         del model  # one model in memory at a time
     views = sample_views(samples or [], answers, analyses[0].chains, max_samples)

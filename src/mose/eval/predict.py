@@ -50,6 +50,7 @@ from mose.eval.batching import (
     route_keys,
 )
 from mose.eval.predictions import Prediction, chain_dict, parse_prediction, read_predictions
+from mose.models.device import model_device, to_device
 from mose.skills.taxonomy import Taxonomy
 
 PARTIAL_SUFFIX = ".partial"
@@ -114,7 +115,7 @@ class Answerer:
             check_skill_labels(samples, self.model.mose_config.taxonomy, self.encoder.source)
         batch = self.collate([self.encoder(s, with_answer=False) for s in samples])
         batch.pop("labels")  # all IGNORE: there is no answer in a prompt
-        return {k: v.to(self.model.device) for k, v in batch.items()}
+        return to_device(batch, model_device(self.model))
 
     def routes(self, samples: Sequence[Sample]) -> list[Any]:
         """Each prompt's full route (MoSE), or None each (other models: nothing to group by)."""
@@ -128,7 +129,7 @@ class Answerer:
             out = self.model.generate(**inputs, **self.options.generate_kwargs(),
                                       pad_token_id=self.pad_token_id)
         # Left padding ends every prompt at the same column: the rest is new tokens.
-        new = out[:, inputs["input_ids"].shape[1]:]  # (B, N)
+        new = out[:, inputs["input_ids"].shape[1]:].cpu()  # (B, N)
         answers = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         chains = ([chain_dict(c) for c in self.model.skill_chains()] if self.mose
                   else [None] * len(samples))

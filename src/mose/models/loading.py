@@ -4,6 +4,10 @@ A directory is either a converted mose model (its `model_type` starts with
 `mose_`, loaded strictly) or a dense checkpoint of a supported architecture,
 exactly as a download looks. A Hub id is fetched by transformers; without
 network access that is a clear error rather than a stack of retries.
+
+Inference (`mose predict`, `chat`, `analyze`, a study's evaluation) loads through
+`load_for_inference`: the model in the dtype and on the device `mose.models.device`
+resolves (by default the GPU, in bfloat16 where it supports it).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import torch
 
 from mose.arch import ARCHS
+from mose.models.device import Placement, resolve_placement
 from mose.models.processor import load_processor
 from mose.models.tiny import TINY_KINDS, tiny_model
 
@@ -68,6 +73,19 @@ def load_model(spec: str, seed: int = 0, dtype: torch.dtype | None = None) -> tu
         model = ARCHS[model_type].model_class.from_pretrained(spec, **kwargs)
         return model.eval(), load_processor(spec)
     return _from_hub(spec, kwargs)
+
+
+def load_for_inference(spec: str, placement: Placement | None = None, seed: int = 0) -> tuple[Any, Any]:
+    """(model, processor) as `load_model` gives them, in `placement`'s dtype, on its device, in eval mode.
+
+    `placement` defaults to `resolve_placement()`: CUDA in bfloat16 where there is one, else the
+    CPU in float32. Weights are loaded in the dtype (so a 2B model is never held in float32 on
+    its way to a bfloat16 GPU) and then moved; MoSE routers keep the float32 the model class
+    gives them, so nothing here casts them.
+    """
+    placement = placement or resolve_placement()
+    model, processor = load_model(spec, seed=seed, dtype=placement.dtype)
+    return model.to(placement.device).eval(), processor
 
 
 def _from_hub(repo_id: str, kwargs: dict[str, Any]) -> tuple[Any, Any]:

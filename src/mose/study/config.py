@@ -16,6 +16,11 @@ A study is YAML (`base:` inheritance and `key=value` overrides as for recipes):
       skill_data: {methods: [mose], labelled: [500, 1000, 2000]}
       diversity: {methods: [moe_4x1, mose]}
 
+`device` and `dtype` say where the trained models answer the test split (predictions,
+expert diversity, the report's analyses), as `mose predict --device --dtype` does: both
+default to `auto` (the GPU in bfloat16 where there is one, else the CPU in float32). Training's
+device is Accelerate's and its precision `recipe.mixed_precision` / `recipe.dtype`.
+
 `mose_question` (MoSE on skills the question fixes) converts with `question_taxonomy` and
 labels the training and test splits with `question_rules`; both default by `taxonomy`
 (`QUESTION_SKILLS`: driving → driving-question, world-driving-question).
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mose.eval.score import BENCHES, JUDGE_OPTIONS
+from mose.models.device import Placement, resolve_placement
 from mose.skills.rules import RuleAnnotator
 from mose.study.methods import METHODS
 from mose.train.recipe import RecipeError, apply_override, build_options, check_range, read_with_base
@@ -144,6 +150,8 @@ class StudyConfig:
     recipe: dict = field(default_factory=dict)  # recipe keys of every run: mixed_precision, data…
     generation: Generation = field(default_factory=Generation)
     seeds: list[int] = field(default_factory=lambda: [0])
+    device: str = "auto"  # where evaluation runs: auto, cpu, cuda, cuda:N, mps (training: Accelerate's)
+    dtype: str = "auto"  # evaluation's dtype: auto, float32, bfloat16, float16 (training: recipe.dtype)
     source: str = "<study>"
 
     def __post_init__(self) -> None:
@@ -189,6 +197,10 @@ class StudyConfig:
                              "number of steps, so the larger sets get fewer passes over their labels: "
                              "bound the router stage by router.epochs (or leave it to the stage's "
                              "defaults)")
+        try:  # a GPU the machine lacks is known now, not after hours of training
+            self.placement()
+        except ValueError as error:
+            raise StudyError(str(error)) from None
         if self.uses_mose and self.taxonomy is None:
             raise StudyError("MoSE methods need 'taxonomy' (driving, robot or a YAML file)")
         if self.uses_question_skills:
@@ -220,6 +232,10 @@ class StudyConfig:
         if missing:
             raise StudyError(f"coda-lm is scored by an LLM judge: set judge.{missing[0]} (or "
                              "MOSE_JUDGE_MODEL / MOSE_JUDGE_BASE_URL or OPENAI_BASE_URL) before any training")
+
+    def placement(self) -> Placement:
+        """The device and dtype the trained models are evaluated in (`device`, `dtype` resolved)."""
+        return resolve_placement(self.device, self.dtype)
 
     @property
     def is_tiny(self) -> bool:

@@ -27,6 +27,7 @@ from mose.eval.score import score, write_scores
 from mose.eval.score.common import Pair
 from mose.eval.score.world import routing_agreement
 from mose.layers.blocks import expert_blocks
+from mose.models.device import dtype_str, model_device, model_dtype, to_device
 
 
 def _count(modules: list[nn.Module]) -> int:
@@ -82,7 +83,7 @@ def evaluate(model: Any, processor: Any, test: list[Sample], test_path: Path, ou
     """
     predictions, timing = out_dir / "predictions.jsonl", out_dir / "timing.json"
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                **({"force_skills": True} if force_skills else {})}
+                **({"force_skills": True} if force_skills else {}), **placement_settings(model)}
     times = json.loads(timing.read_text()) if timing.is_file() else {}
     if not predictions.is_file() or times.get("settings") != settings:
         # No timing, or answers generated otherwise: generate them all again, in one timed call
@@ -98,6 +99,14 @@ def evaluate(model: Any, processor: Any, test: list[Sample], test_path: Path, ou
     scores = score(bench, predictions, test_path, **(judge or {}))
     write_scores(out_dir / "scores.json", scores)
     return Evaluation(scores, times["answer_tokens"], times["seconds"])
+
+
+def placement_settings(model: Any) -> dict[str, str]:
+    """Where and in what dtype the answers are generated, as timing settings: another device gives
+    another speed, another dtype other answers. Empty for the CPU in float32, where every earlier
+    study generated, so their predictions stay reused."""
+    device, dtype = model_device(model).type, dtype_str(model_dtype(model))
+    return {} if (device, dtype) == ("cpu", "float32") else {"device": device, "dtype": dtype}
 
 
 def answer_tokens(processor: Any, predictions: Any) -> int:
@@ -141,7 +150,7 @@ def expert_tokens(model: Any, processor: Any, samples: Sequence[Sample], *, batc
         for start in range(0, len(samples), batch_size):
             batch = collate([encoder(s, with_answer=False) for s in samples[start:start + batch_size]])
             batch.pop("labels")  # all ignored: a prompt has no answer
-            model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False, **last_only)
+            model(**to_device(batch, model_device(model)), use_cache=False, **last_only)
             for layer, counts in model.mose_state.tokens_per_expert.items():
                 counts = counts.cpu().numpy().astype(np.int64)  # (E,)
                 totals[layer] = totals[layer] + counts if layer in totals else counts
