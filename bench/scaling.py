@@ -13,7 +13,7 @@ from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from mose import MoSEConfig
-from mose.convert import _mose_block
+from mose.inject import mose_block
 from mose.routing import RoutingState
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     blocks, runs = {}, {}
     for n in counts:
         cfg = MoSEConfig(taxonomy=taxonomy(n), layers=[0])
-        block = _mose_block(dense, cfg, RoutingState(), 0, 0)
+        block = mose_block(dense, cfg, RoutingState(), 0, 0)
         # Samples spread over as many skills as the batch allows.
         block.state.begin(seq_len=seq, attention_mask=None, image_mask=None, past_length=0,
                           decode_routing="once",

@@ -209,6 +209,25 @@ def train(
         raise typer.Exit(130) from None
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def estimate(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", help="recipe YAML (see configs/)"),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs to shard over (FSDP, ZeRO-2/3)"),
+) -> None:
+    """Parameters and memory per GPU of each stage of a recipe; KEY=VALUE arguments override it.
+
+    Example: mose estimate --config configs/coda-lm/mose.yaml --gpus 8
+    """
+    from mose.estimate import estimate_table
+    from mose.train import RecipeError
+
+    try:
+        console.print(estimate_table(config, gpus, ctx.args))
+    except (RecipeError, ValueError, FileNotFoundError) as error:
+        fail(error)
+
+
 @app.command()
 def predict(
     model: str = typer.Option(..., help="model directory (mose, token-MoE or dense), tiny:KIND or Hub id"),
