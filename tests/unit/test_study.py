@@ -20,7 +20,7 @@ from mose.layers.blocks import expert_blocks
 from mose.study import StudyError, load_study, run_study, study_from_dict
 from mose.study.data import StudyData, annotate_questions
 from mose.study.measure import diversity, expert_tokens, routed_pairs, routed_similarity, routing_on_test
-from mose.study.methods import METHODS, method_stages
+from mose.study.methods import METHODS, final_stage, method_stages
 from mose.study.run import _claim, _data_line, _note, planned_data, pretrain_recipe
 from mose.study.runs import RunSpec, main_run, plan_runs, router_metrics, run_recipe, run_settings
 from mose.study.summary import (
@@ -31,7 +31,7 @@ from mose.study.summary import (
     main_table,
     skill_data_table,
 )
-from mose.train.recipe import recipe_from_dict
+from mose.train.recipe import RouterStage, recipe_from_dict
 
 BASE = {"name": "t", "output_dir": "runs/t", "world": {"domain": "driving"},
         "pretrain": {"max_steps": 2}, "router": {"labelled": 100},
@@ -225,6 +225,18 @@ def test_headlines_per_benchmark():
     assert fmt([]) == "—"
     assert headline("world", world_scores(40.0, 30.0)) == {"overall": 40.0, "perception": 30.0,
                                                            "routing chain": 50.0}
+
+
+@pytest.mark.parametrize("method", ["mose", "mose_groups", "mose_question"])
+def test_routed_mose_fine_tunes_skill_by_skill_then_refits_its_routers(method):
+    stages = method_stages(method, {"epochs": 2}, {"labelled": 9}, "driving", "labelled.jsonl")
+    recipe = recipe_from_dict({"model": "m", "output_dir": "o", "data": {"train": "t.jsonl"},
+                               "stages": stages})
+    assert list(recipe.stages) == ["convert", "router", "sft", "refit"] and final_stage(method) == "refit"
+    sft, router, refit = recipe.stages["sft"], recipe.stages["router"], recipe.stages["refit"]
+    assert sft.teacher_forcing and not sft.train_routers  # each expert learns its own skill's samples
+    assert isinstance(refit, RouterStage) and refit == router  # fitted again on the fine-tuned layers
+    assert final_stage("dense_sft") == final_stage("mose_oracle") == "sft"
 
 
 def test_the_oracle_routes_by_labels_in_training_and_at_test():

@@ -7,7 +7,13 @@ same starting model on the same answer data with the same options (`finetune`):
   beside a shared expert, with a load-balancing loss (Qwen2-VL_MoE_41 / _81);
 - `mose`: MoSE (a shared expert and one expert per skill), its routers pretrained
   on skill labels first (`router`: routers only, no backward through the model;
-  the stage holds out a labelled split and reports its routers' accuracy there);
+  the stage holds out a labelled split and reports its routers' accuracy there),
+  then skill by skill: fine-tuning routes each sample by its labelled chain
+  (teacher forcing), so every expert learns its own skill's samples, and a last
+  router stage (`refit`, the same options) fits the routers again on what the
+  fine-tuned layers give them. (Routers fitted before fine-tuning alone read
+  hidden states that fine-tuning changed below them, and route far worse on
+  test than at their stage: README, "The demo".)
 - `mose_groups`: MoSE with expert groups (an image and a text expert per skill),
   the same router pretraining;
 - `mose_oracle`: MoSE whose routes are forced to the labelled skill chain, in
@@ -55,7 +61,12 @@ METHODS = {
     # Last: its runs read their own labelled file, so those of the other methods share encodings.
     "mose_question": Method("MoSE, question skills", mose=True, question_skills=True),
 }
-FINAL_STAGE = "sft"  # every method's last stage: the model a study evaluates
+FINE_TUNE, REFIT = "sft", "refit"
+
+
+def final_stage(method: str) -> str:
+    """The method's last stage: the model a study evaluates."""
+    return REFIT if METHODS[method].routed else FINE_TUNE
 
 
 def method_stages(method: str, finetune: dict[str, Any], router: dict[str, Any] | None = None,
@@ -93,5 +104,8 @@ def method_stages(method: str, finetune: dict[str, Any], router: dict[str, Any] 
         return {"convert": {"mose": mose}, "sft": {**sft, **forced}}
     if labelled is None:
         raise ValueError(f"{method} needs skill-labelled records for its routers")
-    return {"convert": {"mose": mose}, "router": {"data": labelled, **(router or {})},
-            "sft": {**sft, **({"data": sft_data} if sft_data else {})}}
+    router_stage = {"stage": "router", "data": labelled, **(router or {})}
+    skill_by_skill = {"teacher_forcing": True, "train_routers": False,
+                      **({"data": sft_data} if sft_data else {})}
+    return {"convert": {"mose": mose}, "router": router_stage, FINE_TUNE: {**sft, **skill_by_skill},
+            REFIT: router_stage}

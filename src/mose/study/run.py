@@ -25,7 +25,7 @@ from mose.eval.analysis import ModelAnalysis, analyze_model, sample_views
 from mose.eval.predict import check_skill_labels
 from mose.eval.predictions import read_predictions
 from mose.eval.report import write_report
-from mose.models.loading import load_model
+from mose.models.loading import load_for_inference
 from mose.skills.taxonomy import load_taxonomy
 from mose.study import summary
 from mose.study.config import StudyConfig, StudyError
@@ -37,7 +37,7 @@ from mose.study.data import (
     make_world,
     world_files,
 )
-from mose.study.methods import FINAL_STAGE, METHODS, ORACLE_NOTE
+from mose.study.methods import METHODS, ORACLE_NOTE, final_stage
 from mose.study.runs import (
     MEASURES,
     RunSpec,
@@ -229,7 +229,8 @@ def _report(config: StudyConfig, data: StudyData, runs: dict[RunSpec, dict[str, 
     analyses: list[ModelAnalysis] = []
     for method in config.experiments.diversity.methods if config.experiments.diversity else []:
         spec = main_run(config, method, config.seeds[0])
-        model, processor = load_model(str(run_dir(config, spec) / FINAL_STAGE))
+        stage = run_dir(config, spec) / final_stage(spec.method)
+        model, processor = load_for_inference(str(stage), config.placement())
         path = data.test_for(METHODS[method].question_skills)  # labelled with the model's taxonomy
         analyses.append(analyze_model(model, processor, list(read_jsonl(path)), name=METHODS[method].label,
                                       batch_size=config.generation.batch_size, source=str(path)))

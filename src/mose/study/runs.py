@@ -26,11 +26,11 @@ from mose.data import read_jsonl
 from mose.data.schema import atomic_path
 from mose.eval.batching import is_mose
 from mose.eval.predictions import read_predictions
-from mose.models.loading import load_model
+from mose.models.loading import load_for_inference
 from mose.study.config import StudyConfig, StudyError
 from mose.study.data import StudyData
 from mose.study.measure import active_params, diversity, evaluate, routing_on_test, trainable_params
-from mose.study.methods import FINAL_STAGE, METHODS, method_stages
+from mose.study.methods import METHODS, final_stage, method_stages
 from mose.train import train
 from mose.train.data import EncodingCache
 from mose.train.recipe import Recipe, RecipeError, recipe_from_dict
@@ -140,7 +140,7 @@ def execute(config: StudyConfig, spec: RunSpec, recipe: Recipe, data: StudyData,
     """
     out = run_dir(config, spec)
     stages = train(recipe, resume=True, encodings=encodings)
-    model, processor = load_model(str(out / FINAL_STAGE))
+    model, processor = load_for_inference(str(out / final_stage(spec.method)), config.placement())
     # Scored against its own taxonomy's labels (routing); the levels questions belong to, so the
     # scores by level, are the same under both labels (tests/unit/test_question_skills.py).
     test_path = data.test_for(METHODS[spec.method].question_skills)
