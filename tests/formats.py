@@ -97,3 +97,81 @@ def drivelm(root: Path) -> tuple[Path, Path]:
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(data))
     return path, nuscenes
+
+
+def coda_lm_vqa(split: Path, images: Path, questions: dict[str, str]) -> Path:
+    """`split/vqa_anno/` as CODA-LM's `convert2vqa.py` writes it for the annotation files in
+    `split` (boxed images under `images/<split>/images_w_boxes/`); `questions` per task
+    (placeholders: the official wording is not copied here)."""
+    rows: dict[str, list[dict]] = {task: [] for task in questions}
+    for index, file in enumerate(sorted(split.glob("*.json"))):
+        data = json.loads(file.read_text())
+        prefix, number = file.stem.split("_")
+        image = f"{prefix}/images/{number}.jpg"
+        general = data["general_perception"]["description and explanation"]
+        rows["general_perception"].append({"question_id": index, "image": image,
+                                           "question": questions["general_perception"], "answer": general})
+        rows["driving_suggestion"].append({"question_id": index, "image": image,
+                                           "question": questions["driving_suggestion"],
+                                           "answer": data["driving_suggestion"]})
+        for key, region in data["region_perception"].items():
+            boxed = f"{prefix}/images_w_boxes/{number}_object_{key}.jpg"
+            jpeg(images / boxed)
+            rows["region_perception"].append({"question_id": len(rows["region_perception"]), "image": boxed,
+                                              "question": questions["region_perception"],
+                                              "answer": region["description and explanation"]})
+    folder = split / "vqa_anno"
+    folder.mkdir()
+    for task, task_rows in rows.items():
+        (folder / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_rows))
+    return folder
+
+
+# The stand-in CODA-LM clone: the official evaluation scripts' shape (a judge class whose
+# `__init__` sets `self.system_prompt`, a `template` with two {} fields, few-shot folders of
+# high.json / low.json), with placeholder text of its own.
+_STAGE_SCRIPT = '''import os
+
+
+class GPTBatcher:
+    def __init__(self, api_key, system_prompt=""):
+        self.system_prompt = {system!r}
+
+    def create_messages(self, message):
+        few_shot = os.path.join(os.path.dirname(os.path.abspath(__file__)), {few_shot!r})
+        template = {template!r}
+        return few_shot, template
+'''
+_REGION_SCRIPT = '''class RegionEval(object):
+    def __init__(self, reference_path, prediction_path):
+        self.system_prompt = {system!r}
+
+    def create_messages(self, message):
+        template = {template!r}
+        return template
+
+
+class GPTBatcher:
+    def __init__(self, api_key, system_prompt=""):
+        self.system_prompt = system_prompt
+'''
+CODA_LM_REPO_TEMPLATE = "<<REF {{ }}>>\n{}\n<<END REF>>\n\n<<PRED>>\n{}\n<<END PRED>>"
+
+
+def coda_lm_repo(root: Path) -> Path:
+    """A folder in the layout of a CODA-LM clone's `evaluation/`, with placeholder prompts."""
+    evaluation = root / "evaluation"
+    evaluation.mkdir(parents=True)
+    stages = [("stage1_eval_batch.py", 'SYSTEM-GENERAL "quoted"\nline two', "scene_few_shot"),
+              ("stage2_eval_batch.py", "SYSTEM-SUGGESTION", "suggestion_few_shot")]
+    for name, system, few_shot in stages:
+        (evaluation / name).write_text(_STAGE_SCRIPT.format(system=system, few_shot=few_shot,
+                                                            template=CODA_LM_REPO_TEMPLATE))
+        (evaluation / few_shot).mkdir()
+        for level in ("high", "low"):
+            (evaluation / few_shot / f"{level}.json").write_text(json.dumps(
+                {"reference": f"{few_shot} {level} reference", "prediction": f"{few_shot} {level} prediction",
+                 "response": f"{few_shot} {level} response. So, Rating: [[{8 if level == 'high' else 2}]]."}))
+    (evaluation / "stage3_eval_batch.py").write_text(_REGION_SCRIPT.format(
+        system="SYSTEM-REGION", template=CODA_LM_REPO_TEMPLATE))
+    return root

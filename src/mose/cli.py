@@ -316,6 +316,11 @@ def score(
                                       "judge-cache/ beside PRED); a rerun asks only what is missing"),
     workers: int = typer.Option(8, help="coda-lm: parallel judge requests"),
     timeout: float = typer.Option(60.0, help="coda-lm: seconds per judge request"),
+    protocol: str = typer.Option("mose", help="coda-lm: mose (mose's judge prompts) or official (the "
+                                 "official scripts' prompts, few-shot files and rating rule, read from "
+                                 "--coda-lm-repo); published numbers need official"),
+    coda_lm_repo: Path | None = typer.Option(None, help="coda-lm, --protocol official: your clone of "
+                                             "github.com/DLUT-LYZ/CODA-LM (or its evaluation/ folder)"),
 ) -> None:
     """Score predictions on a benchmark, print a table and optionally write JSON."""
     from mose.endpoint import EndpointError
@@ -325,7 +330,8 @@ def score(
     try:
         scores = score_predictions(bench, pred, ref, progress=True, judge_model=judge_model,
                                    judge_base_url=judge_base_url, api_key_env=judge_key_env,
-                                   cache_dir=cache, workers=workers, timeout_s=timeout)
+                                   cache_dir=cache, workers=workers, timeout_s=timeout,
+                                   protocol=protocol, coda_lm_repo=coda_lm_repo)
     except (ValueError, EndpointError) as error:
         fail(error)
     console.print(table(bench, scores))

@@ -15,16 +15,18 @@ Checked against the CODA-LM repository's `evaluation/README.md`,
 - stage 3 reads `region_perception_answer_w_label.jsonl`, the same rows plus
   `label_name` (the region's ground-truth `category_name`), which the official
   `convert2eval.py` adds from the annotations. It is written here too when
-  every region reference knows its category (records from the annotation
-  files do; `vqa_anno` records do not, so run `convert2eval.py` for those).
+  every region reference knows its category: records from the annotation
+  files do, and so do `vqa_anno` records converted from a split folder that
+  holds the annotation files beside `vqa_anno/` (the official layout).
 
 Only `question_id`, `answer`, `question` and `label_name` are read by the
 scorers; `question` holds the question the model was asked and `image` the
 CODA2022-relative image path (`test/images/0001.jpg`; region images
-`test/images_w_boxes/0001_object_1.jpg`) or, for `vqa_anno` records, the image
-the sample names. The indices are computed over the references given, so pass
-the whole split (or exactly the annotation files copied for a subset such as
-Mini), as the official scripts expect of the reference folder.
+`test/images_w_boxes/0001_object_1.jpg`) or, for `vqa_anno` records, the
+`image` of their row (the same path). The indices are computed over the
+references given, so pass the whole split (or exactly the annotation files
+copied for a subset such as Mini), as the official scripts expect of the
+reference folder.
 """
 
 from __future__ import annotations
@@ -97,17 +99,16 @@ def _rows(references: list[Sample], source: str) -> dict[str, list[dict[str, Any
         if sample.task not in TASK_FILES:
             raise DataError(source, sample.id, "task", f"{sample.task!r} is not a CODA-LM task; "
                                                        f"expected one of {', '.join(TASK_FILES)}")
-        label = None
-        if "question_id" in sample.meta:  # a vqa_anno record keeps the official index
+        label = sample.meta.get("category") if sample.task == "region_perception" else None
+        if "question_id" in sample.meta:  # a vqa_anno record keeps the official index and path
             question_id = _int_id(sample, source)
-            image = sample.images[0] if sample.images else ""
+            image = sample.meta.get("image") or (sample.images[0] if sample.images else "")
         else:
             stem, key = _file_id(sample, source)
             split, number = stem.split("_")
             if sample.task == "region_perception":
                 question_id = region_index[sample.id]
                 image = f"{split}/images_w_boxes/{number}_object_{key}.jpg"
-                label = sample.meta.get("category")
             else:
                 question_id = image_index[stem]
                 image = f"{split}/images/{number}.jpg"

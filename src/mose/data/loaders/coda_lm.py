@@ -5,6 +5,11 @@ Layout: `CODA-LM/Test/test_0001.json` annotates `<CODA2022>/test/images/0001.jpg
 gives three tasks: general perception, region perception (one per region, on a
 cached copy of the image with a 2 px red rectangle around the box) and driving
 suggestion. The prompts are mose's wording of the three official tasks.
+
+A split folder holding `vqa_anno/` (the official `convert2vqa.py` output) is read
+from there instead, with the official questions; each region row still takes
+its `category_name` (and key and box) from the annotation file beside it, so
+both forms give regions their category.
 """
 
 from __future__ import annotations
@@ -144,6 +149,14 @@ def _region(region: dict, key: str, image: Path, file: Path, crops: Path,
 
 
 def _from_vqa_anno(folder: Path, images: Path | None) -> Iterator[Sample | DataError]:
+    """Samples of `vqa_anno/*.jsonl`; a region keeps its annotation file's category, key and box.
+
+    The official conversion writes region rows without the category; it is taken from the
+    split's annotation files beside `vqa_anno/` (`test_0001.json` for the row whose image is
+    `test/images_w_boxes/0001_object_1.jpg`, region "1"), as the official `convert2eval.py`
+    does. With no annotation files there, regions have no category.
+    """
+    annotations = _Annotations(folder.parent)
     for task in QUESTIONS:
         file = folder / f"{task}.jsonl"
         if not file.is_file():
@@ -164,15 +177,80 @@ def _from_vqa_anno(folder: Path, images: Path | None) -> Iterator[Sample | DataE
             if not isinstance(row.get("question"), str):
                 yield DataError(str(file), record, "question", "expected a string")
                 continue
+            meta = {"source": "coda-lm", "question_id": record, "image": row["image"]}
+            if task == "region_perception" and annotations:
+                region = annotations.region(row["image"])
+                if isinstance(region, str):
+                    yield DataError(str(file), record, "image", region)
+                    continue
+                stem, key, data = region
+                reference = data.get(SUMMARY_KEY)
+                given = row.get("answer")
+                if given is not None and isinstance(reference, str) and given != reference:
+                    yield DataError(str(file), record, "answer", f"differs from region {key} of {stem}.json: "
+                                    "vqa_anno and the annotation files are not of the same release")
+                    continue
+                box = data.get("box")
+                numbers = isinstance(box, list) and all(isinstance(v, int | float) for v in box)
+                meta |= {"file": f"{stem}.json", "region": key, "category": data.get("category_name"),
+                         **({"box": [float(v) for v in box]} if numbers else {})}
             yield Sample(id=f"coda/vqa/{task}/{record}", images=[str(path)], question=row["question"],
-                         answer=row.get("answer"), task=task,
-                         meta={"source": "coda-lm", "question_id": record})
+                         answer=row.get("answer"), task=task, meta=meta)
+
+
+_BOXED = re.compile(r"^(\d+)_object_(.+)\.jpg$")
+
+
+class _Annotations:
+    """The annotation files of a split folder, read when a region row first needs one."""
+
+    def __init__(self, split: Path) -> None:
+        self.split = split
+        self.files = {f.stem: f for f in sorted(split.glob("*.json")) if NAME.match(f.stem)}
+        self.loaded: dict[str, dict | str] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.files)
+
+    def region(self, image: str) -> tuple[str, str, dict] | str:
+        """(file stem, region key, region) of a boxed image path, or why there is none."""
+        path = Path(image)
+        match = _BOXED.match(path.name)
+        if not match:
+            return (f"{image!r} is not a boxed region image (<split>/images_w_boxes/"
+                    "<number>_object_<key>.jpg), so its annotation cannot be found")
+        number, key = match.groups()
+        stem = f"{path.parent.parent.name}_{number}"
+        if stem not in self.files:  # no split folder in the path: the one file with that number
+            candidates = [s for s in self.files if s.endswith(f"_{number}")]
+            if len(candidates) != 1:
+                return f"no annotation file {stem}.json in {self.split} for {image!r}"
+            stem = candidates[0]
+        data = self._load(stem)
+        if isinstance(data, str):
+            return data
+        regions = data.get("region_perception")
+        if not isinstance(regions, dict) or not isinstance(regions.get(key), dict):
+            return f"{stem}.json has no region_perception region {key!r} for {image!r}"
+        return stem, key, regions[key]
+
+    def _load(self, stem: str) -> dict | str:
+        if stem not in self.loaded:
+            try:
+                data = json.loads(self.files[stem].read_text(encoding="utf-8"))
+                self.loaded[stem] = (data if isinstance(data, dict)
+                                     else f"{self.files[stem]}: expected an object")
+            except json.JSONDecodeError as error:
+                self.loaded[stem] = f"{self.files[stem]}: malformed JSON: {error}"
+        return self.loaded[stem]
 
 
 def _vqa_image(image: str | None, folder: Path, root: Path | None) -> Path | None:
-    """Image paths in vqa_anno are relative to an unrecorded root: try the likely ones."""
+    """Image paths in vqa_anno are relative to an unrecorded root (officially the folder holding
+    `CODA-LM/`, `val/` and `test/`): try the likely ones."""
     if not isinstance(image, str):
         return None
     candidates = [Path(image)] if Path(image).is_absolute() else [
-        *([root / image] if root else []), folder.parent / image, folder.parent.parent / image]
+        *([root / image] if root else []), folder.parent / image, folder.parent.parent / image,
+        folder.parent.parent.parent / image]
     return next((p.resolve() for p in candidates if p.is_file()), None)

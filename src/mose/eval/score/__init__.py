@@ -25,7 +25,7 @@ from mose.eval.score.common import Pair, ScoreError, load_pairs, match, read_ref
 BENCHES = ("robo2vlm", "world", "drivelm", "coda-lm")
 _MODULES = {"robo2vlm": robo2vlm, "world": world, "drivelm": drivelm, "coda-lm": coda_lm}
 JUDGE_OPTIONS = ("judge_model", "judge_base_url", "api_key_env", "cache_dir", "workers", "timeout_s",
-                 "max_retries", "backoff_s", "parse_retries", "abort_after")
+                 "max_retries", "backoff_s", "parse_retries", "abort_after", "protocol", "coda_lm_repo")
 
 
 def score(bench: str, predictions_path: str | Path, references_path: str | Path,
@@ -35,7 +35,8 @@ def score(bench: str, predictions_path: str | Path, references_path: str | Path,
     Judge options (used by `coda-lm`, ignored by the others; None means the default):
     judge_model, judge_base_url (both required for coda-lm), api_key_env ("OPENAI_API_KEY"),
     cache_dir (default: `judge-cache/` beside the predictions), workers (8), timeout_s (60),
-    max_retries (4), backoff_s (1.0), parse_retries (1), abort_after (20).
+    max_retries (4), backoff_s (1.0), parse_retries (1), abort_after (20), protocol ("mose", or
+    "official": the official scripts' requests, read from coda_lm_repo, a clone of CODA-LM).
     """
     if bench not in BENCHES:
         raise ScoreError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHES)}")

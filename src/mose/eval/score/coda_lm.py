@@ -1,19 +1,30 @@
 """CODA-LM: the text-only LLM judge for general perception, region perception and suggestion.
 
-The protocol is the benchmark's (`benchmarks.md`), the prompts are mose's own:
-the judge reads the reference and the prediction, each between begin/end
-markers, never the image, and ends its reply with `Rating: [[n]]`, 1..10.
-General perception and driving suggestion get a system prompt on what to weigh
-and two few-shot examples (one graded high, one low); region perception is
-zero-shot, on text similarity and relevance. Temperature 0.
+Two protocols (`JudgeSettings.protocol`):
 
-A task's score is the plain mean of its ratings (1..10) and `score_x10` the same
-times ten, the way papers print it. Region perception is also broken down by
-object class (`meta.category` mapped to the seven classes; a region with no
-known category is `miscellaneous`), its total pooling all regions. A judgment
+- "mose" (the default): mose's own prompts, after the benchmark's description
+  (`benchmarks.md`): the judge reads the reference and the prediction, each
+  between begin/end markers, never the image, and ends its reply with
+  `Rating: [[n]]`, 1..10. General perception and driving suggestion get a
+  system prompt on what to weigh and two few-shot examples (one graded high,
+  one low); region perception is zero-shot. The rating is the last
+  `Rating: [[n]]` (else the last `[[n]]`), 1..10; a reply without one is asked
+  again (`parse_retries`).
+- "official": each request is the one the official evaluation scripts send,
+  built from the system prompts, template and few-shot files read at run time
+  from the user's clone of the CODA-LM repository (`coda_lm_repo`, see
+  `coda_lm_official`); replies are parsed by the scripts' rule (the first
+  `Rating: [[n]]`, an integer; `parse_official_rating`) and asked once.
+
+Temperature 0 in both. A task's score is the plain mean of its ratings and
+`score_x10` the same times ten, the way papers print it. Region perception is
+broken down by the official stage-3 script's seven classes (`OFFICIAL_CLASSES`,
+by exact category name); its score, like the official one, is the mean over
+the regions in those classes. Regions of any other category are reported apart
+(`unlisted`), beside mose's `inclusive` total over every region. A judgment
 that fails (the endpoint still erring after its retries, or a reply with no
-rating even after `parse_retries` more asks) is counted in `failed`, listed in
-`failures`, and left out of the mean: never dropped silently.
+rating) is counted in `failed`, listed in `failures`, and left out of the mean:
+never dropped silently, where the official scripts drop it.
 
 Every rating is appended to a JSONL cache (flushed line by line) keyed by the
 hash of (judge model, full prompt), so a rerun asks nothing already judged and
@@ -27,6 +38,7 @@ import json
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,33 +48,40 @@ from rich.progress import Progress, TextColumn
 from rich.table import Table
 
 from mose.endpoint import ChatEndpoint, EndpointError
+from mose.eval.score.coda_lm_official import load_official, parse_official_rating
 from mose.eval.score.common import Pair, ScoreError, fmt, require_answer
 
 # sample task (as the CODA-LM loader writes it) → the name scores use
 TASKS = {"general_perception": "general", "region_perception": "region", "driving_suggestion": "suggestion"}
-CLASSES = ("vehicle", "vru", "traffic_sign", "traffic_light", "traffic_cone", "barrier", "miscellaneous")
-_CLASS_OF = {
-    **dict.fromkeys(("vehicle", "vehicles", "car", "truck", "bus", "van", "suv", "tram", "train", "trailer",
-                     "tricycle", "bicycle", "motorcycle", "moped", "scooter", "construction_vehicle",
-                     "recreational_vehicle", "emergency_vehicle"), "vehicle"),
-    **dict.fromkeys(("vru", "vulnerable_road_user", "vulnerable_road_users", "pedestrian", "pedestrians",
-                     "person", "people", "child", "cyclist", "motorcyclist", "rider", "stroller",
-                     "wheelchair"), "vru"),
-    **dict.fromkeys(("traffic_sign", "traffic_signs", "sign", "warning_sign", "road_sign"), "traffic_sign"),
-    **dict.fromkeys(("traffic_light", "traffic_lights", "signal", "traffic_signal"), "traffic_light"),
-    **dict.fromkeys(("traffic_cone", "traffic_cones", "cone", "cones"), "traffic_cone"),
-    **dict.fromkeys(("barrier", "barriers", "bollard", "concrete_block", "fence", "guardrail",
-                     "water_barrier", "barricade", "traffic_barrier"), "barrier"),
+PROTOCOLS = ("mose", "official")
+# The official stage-3 script's classes: a region's `category_name` is looked up, exactly as
+# written, in these lists; a name in none of them is in no class and out of the stage-3 score.
+OFFICIAL_CLASSES: dict[str, tuple[str, ...]] = {
+    "vehicle": ("car", "truck", "tram", "tricycle", "bus", "trailer", "construction_vehicle",
+                "recreational_vehicle"),
+    "vru": ("pedestrian", "cyclist", "bicycle", "moped", "motorcycle", "stroller", "wheelchair", "cart"),
+    "traffic_sign": ("warning_sign", "traffic_sign"),
+    "traffic_light": ("traffic_light",),
+    "traffic_cone": ("traffic_cone",),
+    "barrier": ("barrier", "bollard"),
+    "miscellaneous": ("dog", "cat", "sentry_box", "traffic_box", "traffic_island", "debris",
+                      "suitcace",  # sic: the official list's spelling; "suitcase" is in no class
+                      "dustbin", "concrete_block", "machinery", "chair", "phone_booth", "basket",
+                      "cardboard", "carton", "garbage", "garbage_bag", "plastic_bag", "stone", "tire",
+                      "misc"),
 }
+CLASSES = tuple(OFFICIAL_CLASSES)
+_CLASS_OF = {name: cls for cls, names in OFFICIAL_CLASSES.items() for name in names}
+NO_CATEGORY = "<no category>"  # how a region without `meta.category` is named among the unlisted
 FATAL_STATUS = (401, 403, 404)  # wrong key, no access, unknown model: every sample would fail
 
 
-def region_class(category: Any) -> str:
-    """One of CLASSES for a CODA category name ("traffic cones", "Traffic-Cone", "bollard"...)."""
-    if not isinstance(category, str):
-        return "miscellaneous"
-    key = re.sub(r"[\s\-]+", "_", category.strip().lower())
-    return _CLASS_OF.get(key, "miscellaneous")
+def region_class(category: Any) -> str | None:
+    """The official class of a CODA category name, or None for a name in no list (and for no name).
+
+    Exact match, as the official script does it: "Traffic Cone" and "van" are in no class.
+    """
+    return _CLASS_OF.get(category) if isinstance(category, str) else None
 
 
 # ---------------------------------------------------------------- prompts (mose's own wording)
@@ -170,9 +189,16 @@ def parse_rating(reply: str) -> float:
 
 # ---------------------------------------------------------------- settings, cache, asking
 
+Parser = Callable[[str], float]
+
+
 @dataclass
 class JudgeSettings:
-    """Where and how to ask the judge. The key is read from the environment variable named."""
+    """Where and how to ask the judge. The key is read from the environment variable named.
+
+    `protocol` "mose" asks with mose's prompts; "official" with the official scripts' own,
+    read from `coda_lm_repo` (a clone of the CODA-LM repository), and parses by their rule.
+    """
 
     model: str
     base_url: str
@@ -182,8 +208,10 @@ class JudgeSettings:
     timeout_s: float = 60.0
     max_retries: int = 4  # per request, transient failures (connection, timeout, 429, 5xx)
     backoff_s: float = 1.0  # first wait; doubles each retry
-    parse_retries: int = 1  # asks again when a reply has no rating
+    parse_retries: int = 1  # asks again when a reply has no rating (protocol mose only)
     abort_after: int = 20  # consecutive endpoint failures, no success between: the endpoint is down
+    protocol: str = "mose"
+    coda_lm_repo: str | Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "base_url"):
@@ -195,11 +223,20 @@ class JudgeSettings:
                                  f"got {getattr(self, name)!r}")
         if self.timeout_s <= 0 or self.backoff_s < 0:
             raise ValueError("judge settings timeout_s must be > 0 and backoff_s >= 0")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"judge protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+        if self.protocol == "official" and not self.coda_lm_repo:
+            raise ValueError("protocol official reads the official prompts from your clone of the "
+                             "CODA-LM repository: give coda_lm_repo (--coda-lm-repo DIR)")
+        if self.protocol == "mose" and self.coda_lm_repo:
+            raise ValueError("coda_lm_repo is read by protocol official only; add protocol official "
+                             "(--protocol official) or leave coda_lm_repo out")
 
     def endpoint(self) -> ChatEndpoint:
+        # The official scripts send temperature=0 (an int): so does protocol official, byte for byte.
         return ChatEndpoint(self.base_url, self.model, api_key_env=self.api_key_env,
                             max_retries=self.max_retries, backoff_s=self.backoff_s,
-                            timeout_s=self.timeout_s, temperature=0.0)
+                            timeout_s=self.timeout_s, temperature=0 if self.protocol == "official" else 0.0)
 
     @property
     def cache_path(self) -> Path:
@@ -207,20 +244,20 @@ class JudgeSettings:
 
 
 def cache_key(model: str, messages: list[dict[str, Any]]) -> str:
-    """Same judge model and same full prompt → same rating."""
+    """Same judge model and same full prompt → same reply (the two protocols' prompts differ)."""
     return hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
 
 
-def load_cache(path: Path) -> dict[str, str]:
-    """key → reply of every cached judgment whose reply still parses."""
+def load_cache(path: Path, parse: Parser = parse_rating) -> dict[str, str]:
+    """key → reply of every cached judgment whose reply parses (by the protocol's rule)."""
     cache: dict[str, str] = {}
     if not path.is_file():
         return cache
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
-            parse_rating(entry["reply"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnparsableRating):
+            parse(entry["reply"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # a line torn by an interruption: that sample is asked again
         cache[entry["key"]] = entry["reply"]
     return cache
@@ -233,7 +270,8 @@ class Outcome:
     endpoint_failed: bool = False
 
 
-def _ask(endpoint: ChatEndpoint, messages: list[dict[str, Any]], parse_retries: int) -> tuple[Outcome, str]:
+def _ask(endpoint: ChatEndpoint, messages: list[dict[str, Any]], parse_retries: int,
+         parse: Parser) -> tuple[Outcome, str]:
     """(outcome, reply) of one judgment; runs in a worker thread."""
     reply = ""
     problem = ""
@@ -245,8 +283,8 @@ def _ask(endpoint: ChatEndpoint, messages: list[dict[str, Any]], parse_retries: 
                 raise
             return Outcome(None, f"endpoint: {error}", endpoint_failed=True), ""
         try:
-            return Outcome(parse_rating(reply)), reply
-        except UnparsableRating as error:
+            return Outcome(parse(reply)), reply
+        except ValueError as error:  # UnparsableRating, UnparsableOfficialRating
             problem = str(error)
     return Outcome(None, f"unparsable reply ({problem}): {reply[:120]!r}"), reply
 
@@ -259,16 +297,23 @@ class JudgeReport:
 
 
 def judge(items: list[tuple[str, list[dict[str, Any]]]], settings: JudgeSettings,
-          progress: bool = False) -> JudgeReport:
-    """Rate every (sample id, messages): from the cache, else by the endpoint in a thread pool."""
+          progress: bool = False, parse: Parser | None = None) -> JudgeReport:
+    """Rate every (sample id, messages): from the cache, else by the endpoint in a thread pool.
+
+    `parse` defaults to the protocol's rule; protocol official asks once per sample, as the
+    official scripts do (an unparsable reply is counted as failed, not asked again).
+    """
+    official = settings.protocol == "official"
+    parse = parse or (parse_official_rating if official else parse_rating)
+    parse_retries = 0 if official else settings.parse_retries
     path = settings.cache_path
-    cache = load_cache(path)
+    cache = load_cache(path, parse)
     report = JudgeReport()
     todo = []
     for sample_id, messages in items:
         key = cache_key(settings.model, messages)
         if key in cache:
-            report.outcomes[sample_id] = Outcome(parse_rating(cache[key]))
+            report.outcomes[sample_id] = Outcome(parse(cache[key]))
             report.cached += 1
         else:
             todo.append((sample_id, key, messages))
@@ -282,7 +327,7 @@ def judge(items: list[tuple[str, list[dict[str, Any]]]], settings: JudgeSettings
         with path.open("a", encoding="utf-8") as log, Progress(*columns, disable=not progress) as bar:
             task = bar.add_task(f"judging with {settings.model}", total=len(todo), failed=0)
             futures: dict[Future, tuple[str, str]] = {
-                pool.submit(_ask, endpoint, messages, settings.parse_retries): (sample_id, key)
+                pool.submit(_ask, endpoint, messages, parse_retries, parse): (sample_id, key)
                 for sample_id, key, messages in todo}
             failed = down = 0
             for future in as_completed(futures):
@@ -292,7 +337,8 @@ def judge(items: list[tuple[str, list[dict[str, Any]]]], settings: JudgeSettings
                 report.outcomes[sample_id] = outcome
                 if outcome.rating is not None:
                     log.write(json.dumps({"key": key, "id": sample_id, "model": settings.model,
-                                          "rating": outcome.rating, "reply": reply}) + "\n")
+                                          "protocol": settings.protocol, "rating": outcome.rating,
+                                          "reply": reply}) + "\n")
                     log.flush()  # each judgment is kept the moment it arrives
                     down = 0
                 else:
@@ -312,7 +358,18 @@ def judge(items: list[tuple[str, list[dict[str, Any]]]], settings: JudgeSettings
 
 def score(pairs: list[Pair], settings: JudgeSettings, progress: bool = False) -> dict[str, Any]:
     """{task: {"score", "score_x10", "n", "failed", "failures"}, ...} for each task present;
-    region also "by_class"; "average" when all three are present; "judge": judgments asked / cached."""
+    region also "by_class", "unlisted" and "inclusive"; "average" when all three are present;
+    "judge": the judge model, the protocol (and for official where its prompts were read),
+    judgments asked / cached.
+
+    Region "score" is the official stage-3 total: the mean over the regions whose category is
+    in one of the seven official classes. Regions of any other category ("van", "suitcase",
+    none) are judged too, but reported apart in "unlisted" (n, failed, score, names with their
+    counts) and kept out of the classes, the region score and the average; "inclusive" is
+    mose's total over every region, for reading beside it.
+    """
+    official = load_official(settings.coda_lm_repo) if settings.protocol == "official" else None
+    build = official.messages if official else judge_messages
     items, tasks = [], {}
     for pair in pairs:
         sample = pair.sample
@@ -320,45 +377,68 @@ def score(pairs: list[Pair], settings: JudgeSettings, progress: bool = False) ->
             raise ScoreError(f"reference {sample.id!r}, field 'task': {sample.task!r} is not a CODA-LM "
                              f"task ({', '.join(TASKS)})")
         tasks[sample.id] = TASKS[sample.task]
-        items.append((sample.id, judge_messages(TASKS[sample.task], require_answer(pair),
-                                                pair.prediction.answer)))
+        items.append((sample.id, build(TASKS[sample.task], require_answer(pair), pair.prediction.answer)))
     report = judge(items, settings, progress)
+    check_range = official is not None  # the official rule takes any integer; say how many left 1..10
     by_task: dict[str, list[str]] = defaultdict(list)
     for sample_id, task in tasks.items():
         by_task[task].append(sample_id)
     result: dict[str, Any] = {}
-    for task in ("general", "region", "suggestion"):
+    for task in ("general", "suggestion"):
         if task in by_task:
-            result[task] = _summary(by_task[task], report.outcomes)
-    if "region" in result:
+            result[task] = _summary(by_task[task], report.outcomes, check_range=check_range)
+    if "region" in by_task:
         classes: dict[str, list[str]] = {c: [] for c in CLASSES}
+        unlisted: dict[str, list[str]] = defaultdict(list)
         for pair in pairs:
             if tasks[pair.sample.id] == "region":
-                classes[region_class(pair.sample.meta.get("category"))].append(pair.sample.id)
-        result["region"]["by_class"] = {c: _summary(ids, report.outcomes, failures=False)
-                                        for c, ids in classes.items()}
+                category = pair.sample.meta.get("category")
+                cls = region_class(category)
+                if cls is None:
+                    unlisted[category if isinstance(category, str) else NO_CATEGORY].append(pair.sample.id)
+                else:
+                    classes[cls].append(pair.sample.id)
+        listed = [i for ids in classes.values() for i in ids]
+        others = [i for ids in unlisted.values() for i in ids]
+        region = _summary(listed, report.outcomes, check_range=check_range)
+        region["by_class"] = {c: _summary(ids, report.outcomes, failures=False) for c, ids in classes.items()}
+        region["unlisted"] = {**_summary(others, report.outcomes, check_range=check_range),
+                              "names": {name: len(ids) for name, ids in sorted(unlisted.items())}}
+        region["inclusive"] = {**_summary(by_task["region"], report.outcomes, failures=False),
+                               "note": "mose's total over every region, unlisted ones included; "
+                                       "not the official stage-3 score"}
+        result["region"] = region
+    result = {task: result[task] for task in ("general", "region", "suggestion") if task in result}
     scored = [result[t]["score"] for t in ("general", "region", "suggestion") if t in result]
     if len(scored) == 3 and None not in scored:
         mean = statistics.fmean(scored)
         result["average"] = {"score": round(mean, 4), "score_x10": round(10 * mean, 4)}
-    result["judge"] = {"model": settings.model, "asked": report.asked, "cached": report.cached}
+    result["judge"] = {"model": settings.model, "protocol": settings.protocol,
+                       **(official.describe() if official else {}),
+                       "asked": report.asked, "cached": report.cached}
     return result
 
 
-def _summary(ids: list[str], outcomes: dict[str, Outcome], failures: bool = True) -> dict[str, Any]:
+def _summary(ids: list[str], outcomes: dict[str, Outcome], failures: bool = True,
+             check_range: bool = False) -> dict[str, Any]:
     ratings = [outcomes[i].rating for i in ids if outcomes[i].rating is not None]
     mean = statistics.fmean(ratings) if ratings else None
     out: dict[str, Any] = {"score": None if mean is None else round(mean, 4),
                            "score_x10": None if mean is None else round(10 * mean, 4),
                            "n": len(ids), "failed": len(ids) - len(ratings)}
+    if check_range:
+        out["outside_1_10"] = sum(not 1 <= r <= 10 for r in ratings)  # counted in the mean, as officially
     if failures:
         failed = [{"id": i, "reason": outcomes[i].reason} for i in ids if outcomes[i].rating is None]
         out["failures"] = failed[:20]  # the count is in "failed"; these are examples
     return out
 
 
-def table(scores: dict[str, Any], title: str = "CODA-LM (LLM judge)") -> Table:
-    out = Table("task", "score (1..10)", "×10", "n", "failed", title=title)
+def table(scores: dict[str, Any], title: str | None = None) -> Table:
+    judge_info = scores.get("judge") or {}
+    protocol = judge_info.get("protocol", "mose")
+    out = Table("task", "score (1..10)", "×10", "n", "failed",
+                title=title or f"CODA-LM (LLM judge {judge_info.get('model', '?')}, protocol {protocol})")
 
     def row(name: str, cell: dict[str, Any]) -> None:
         failed = f"[red]{cell['failed']}[/red]" if cell["failed"] else "0"
@@ -371,11 +451,24 @@ def table(scores: dict[str, Any], title: str = "CODA-LM (LLM judge)") -> Table:
         out.add_row("[bold]average[/bold]", fmt(scores["average"]["score"]),
                     f"[bold]{fmt(scores['average']['score_x10'])}[/bold]", "", "")
     if "region" in scores:
+        region = scores["region"]
         out.add_section()
-        for name, cell in scores["region"]["by_class"].items():
+        for name, cell in region["by_class"].items():
             row(f"  region: {name}", cell)
-    judge_info = scores.get("judge")
+        if region.get("unlisted", {}).get("n"):  # otherwise the inclusive total is the region score
+            out.add_section()
+            row("  region: unlisted (in no class, not scored)", region["unlisted"])
+            row("  region: all regions (mose, inclusive)", region["inclusive"])
     if judge_info:
-        out.caption = (f"judge {judge_info['model']}: {judge_info['asked']} asked, "
-                       f"{judge_info['cached']} from the cache")
+        source = f", prompts from {judge_info['coda_lm_repo']}" if "coda_lm_repo" in judge_info else ""
+        caption = (f"judge {judge_info['model']}, protocol {protocol}{source}: {judge_info['asked']} asked, "
+                   f"{judge_info['cached']} from the cache")
+        unlisted = scores.get("region", {}).get("unlisted", {}).get("names")
+        if unlisted:
+            caption += "\nunlisted region categories: " + ", ".join(f"{k} ×{v}" for k, v in unlisted.items())
+        outside = sum(scores[t].get("outside_1_10", 0) for t in ("general", "region", "suggestion")
+                      if t in scores)
+        if outside:
+            caption += f"\n{outside} rating(s) outside 1..10, counted as the official rule does"
+        out.caption = caption
     return out
