@@ -15,6 +15,8 @@ from mose.skills.taxonomy import load_taxonomy
 
 LayerSpec = str | list[int]
 DECODE_ROUTING = ("once", "running")
+EXPERT_KINDS = ("full", "lora")
+LORA_TARGETS = ("gate", "up", "down")  # the gated FFN's gate_proj, up_proj and down_proj
 
 
 def _check_layers(layers: LayerSpec) -> LayerSpec:
@@ -42,6 +44,24 @@ def resolve_layers(layers: LayerSpec, num_layers: int) -> list[int]:
     if bad:
         raise ValueError(f"layer index {bad} out of range: the model has {num_layers} decoder layers")
     return list(layers)
+
+
+def _check_expert_kind(cfg: MoSEConfig | TokenMoEConfig) -> None:
+    """Validate and normalise `experts` and the LoRA fields (checked even when experts="full")."""
+    if cfg.experts not in EXPERT_KINDS:
+        raise ValueError(f"experts must be one of {EXPERT_KINDS}, got {cfg.experts!r}")
+    if not isinstance(cfg.lora_rank, int) or isinstance(cfg.lora_rank, bool) or cfg.lora_rank < 1:
+        raise ValueError(f"lora_rank must be a positive int, got {cfg.lora_rank!r}")
+    alpha = cfg.lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+        raise ValueError(f"lora_alpha must be a positive number, got {alpha!r}")
+    cfg.lora_alpha = float(alpha)
+    targets = [cfg.lora_targets] if isinstance(cfg.lora_targets, str) else list(cfg.lora_targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if not targets or unknown or len(set(targets)) != len(targets):
+        raise ValueError(
+            f"lora_targets must be distinct names among {LORA_TARGETS}, got {cfg.lora_targets!r}")
+    cfg.lora_targets = tuple(t for t in LORA_TARGETS if t in targets)  # canonical order
 
 
 class _JSONConfig:
@@ -92,6 +112,12 @@ class MoSEConfig(_JSONConfig):
         modality_groups: each skill owns an image expert and a text expert.
         decode_routing: "once" keeps the route chosen on the prompt for every
             generated token; "running" re-routes on the mean of all tokens so far.
+        experts: "full" (upcycled copies of the FFN, the paper's) or "lora": the dense
+            FFN stays (frozen) and a MoSE layer computes the FFN with weights
+            W + ΔW_shared + ΔW_skill, low-rank deltas whose B starts at zero.
+        lora_rank: rank r of every LoRA delta (experts="lora").
+        lora_alpha: LoRA scaling numerator: a delta is (alpha / r) · B A.
+        lora_targets: which of the FFN's projections get deltas ("gate", "up", "down").
     """
 
     kind: ClassVar[str] = "mose"
@@ -102,8 +128,13 @@ class MoSEConfig(_JSONConfig):
     shared_expert: bool = True
     modality_groups: bool = False
     decode_routing: str = "once"
+    experts: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:
+        _check_expert_kind(self)
         self.taxonomy = load_taxonomy(self.taxonomy)
         self.layers = _check_layers(self.layers)
         if not isinstance(self.top_k, int) or self.top_k < 1:
@@ -152,6 +183,9 @@ class TokenMoEConfig(_JSONConfig):
         aux_loss_coef: weight of the Switch load-balancing loss in training.
         router_init_std: routers start random, since identical upcycled experts
             with a zero router would never break symmetry.
+        experts, lora_rank, lora_alpha, lora_targets: as in MoSEConfig; with
+            experts="lora" each token's FFN is W + ΔW_shared + sum_k w_k ΔW_k over
+            its top-k LoRA deltas.
     """
 
     kind: ClassVar[str] = "token_moe"
@@ -162,8 +196,13 @@ class TokenMoEConfig(_JSONConfig):
     layers: LayerSpec = "even"
     aux_loss_coef: float = 0.01
     router_init_std: float = field(default=0.02)
+    experts: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:
+        _check_expert_kind(self)
         self.layers = _check_layers(self.layers)
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")

@@ -5,6 +5,10 @@ expert, shared and routed outputs are each scaled by 1/2, and routed weights
 sum to one, so the injected model computes exactly what the dense one did.
 `mose.convert` injects and then changes the model's class; the converted
 classes (`mose.modeling`) inject again in `__init__` when a saved model loads.
+
+With `experts="lora"` nothing is copied: the FFN itself becomes the block's frozen
+`base`, and every expert is a LoRA delta whose B starts at zero, so again the
+injected model computes exactly what the dense one did.
 """
 
 from __future__ import annotations
@@ -13,8 +17,16 @@ from torch import nn
 
 from mose.arch import Arch
 from mose.config import MoSEConfig, TokenMoEConfig, resolve_layers
-from mose.layers.blocks import ExpertBlock, MoSEBlock, TokenMoEBlock, upcycled_shared
+from mose.layers.blocks import (
+    ExpertBlock,
+    LoRAMoSEBlock,
+    LoRATokenMoEBlock,
+    MoSEBlock,
+    TokenMoEBlock,
+    upcycled_shared,
+)
 from mose.layers.experts import Experts
+from mose.layers.lora import LoRAExperts
 from mose.layers.router import Router
 from mose.routing import RoutingState
 
@@ -60,16 +72,35 @@ def _shared_and_scale(mlp: nn.Module, shared_expert: bool) -> tuple[nn.Module | 
     return (upcycled_shared(mlp, 0.5), 0.5) if shared_expert else (None, 1.0)
 
 
+def _lora_parts(mlp: nn.Module, cfg: AnyConfig, num_experts: int) -> dict:
+    """The LoRA blocks' parts: routed deltas, the shared delta, and the FFN itself as frozen base."""
+
+    def deltas(n: int) -> LoRAExperts:
+        return LoRAExperts.for_ffn(mlp, n, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                   targets=cfg.lora_targets)
+
+    return {"experts": deltas(num_experts), "shared": deltas(1) if cfg.shared_expert else None,
+            "base": mlp}
+
+
+def _full_parts(mlp: nn.Module, cfg: AnyConfig, num_experts: int) -> dict:
+    shared, scale = _shared_and_scale(mlp, cfg.shared_expert)
+    return {"experts": Experts.upcycle(mlp, num_experts, scale), "shared": shared}
+
+
+def _parts(mlp: nn.Module, cfg: AnyConfig, num_experts: int) -> dict:
+    return (_lora_parts if cfg.experts == "lora" else _full_parts)(mlp, cfg, num_experts)
+
+
 def mose_block(mlp: nn.Module, cfg: MoSEConfig, state: RoutingState, index: int,
                 level: int) -> MoSEBlock:
     num_skills = len(cfg.taxonomy.levels[level].skills)
-    shared, scale = _shared_and_scale(mlp, cfg.shared_expert)
     per_skill = 2 if cfg.modality_groups else 1
     weight = mlp.gate_proj.weight
-    return MoSEBlock(
+    block_class = LoRAMoSEBlock if cfg.experts == "lora" else MoSEBlock
+    return block_class(
         router=Router(weight.shape[1], num_skills, device=weight.device),
-        experts=Experts.upcycle(mlp, num_skills * per_skill, scale),
-        shared=shared,
+        **_parts(mlp, cfg, num_skills * per_skill),
         state=state,
         layer_idx=index,
         level=level,
@@ -80,14 +111,12 @@ def mose_block(mlp: nn.Module, cfg: MoSEConfig, state: RoutingState, index: int,
 
 def token_moe_block(mlp: nn.Module, cfg: TokenMoEConfig, state: RoutingState,
                      index: int) -> TokenMoEBlock:
-    shared, scale = _shared_and_scale(mlp, cfg.shared_expert)
     weight = mlp.gate_proj.weight
-    return TokenMoEBlock(
+    block_class = LoRATokenMoEBlock if cfg.experts == "lora" else TokenMoEBlock
+    return block_class(
         router=Router(weight.shape[1], cfg.num_experts, device=weight.device),
-        experts=Experts.upcycle(mlp, cfg.num_experts, scale),
-        shared=shared,
+        **_parts(mlp, cfg, cfg.num_experts),
         state=state,
         layer_idx=index,
         top_k=cfg.top_k,
     )
-

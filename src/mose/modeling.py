@@ -22,6 +22,7 @@ import torch
 from mose.arch import ARCHS, Arch
 from mose.config import MoSEConfig, TokenMoEConfig, config_from_dict, resolve_layers
 from mose.inject import inject
+from mose.layers.blocks import expert_blocks
 from mose.layers.losses import skill_routing_loss
 from mose.routing import RoutingState, SkillChain, skill_chain_list, skill_label_tensor
 
@@ -122,6 +123,17 @@ class MoSEModelMixin:
         be written back in that layout, which the converted class cannot map.
         """
         super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """transformers' load, then a LoRA block's base FFN frozen again: the loader replaces
+        every weight with a new, trainable Parameter."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        for block in expert_blocks(model):
+            if block.base is not None:
+                block.base.requires_grad_(False)
+        return loaded
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                          *args: Any, **kwargs: Any) -> None:

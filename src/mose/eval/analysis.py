@@ -42,6 +42,7 @@ from mose.eval.predictions import Prediction
 from mose.eval.score.choice import parse_choice
 from mose.eval.score.common import exact_match
 from mose.layers.blocks import ExpertBlock, MoSEBlock, expert_blocks
+from mose.layers.lora import LoRAExperts
 from mose.models.device import model_device, to_device
 from mose.probe import cross_validated_accuracy
 from mose.routing import SkillChain
@@ -111,6 +112,30 @@ def expert_labels(model: Any, block: ExpertBlock) -> tuple[str, ...]:
     return tuple(([SHARED] if block.shared_expert is not None else []) + routed)
 
 
+Parts = list[tuple[torch.Tensor, torch.Tensor | None]]  # (stacked (E, rows, cols), shared (rows, cols))
+
+
+def _full_parts(block: ExpertBlock) -> Parts:
+    experts, shared = block.experts, block.shared_expert
+    return [
+        (experts.gate_up_proj, None if shared is None else
+         torch.cat([shared.gate_proj.weight, shared.up_proj.weight])),  # (2I, H): the stacked layout
+        (experts.down_proj, None if shared is None else shared.down_proj.weight),
+    ]
+
+
+@torch.no_grad()
+def _lora_parts(block: ExpertBlock) -> Parts:
+    """LoRA experts are compared by their dense deltas (scale · B A) per target: what each
+    adds to the frozen FFN. (At conversion every delta is zero: no similarity to speak of.)"""
+    experts, shared = block.experts, block.shared_expert
+    parts: Parts = []
+    for target in experts.targets:
+        stacked = torch.stack([experts.delta_weight(target, e) for e in range(experts.num_experts)])
+        parts.append((stacked, None if shared is None else shared.delta_weight(target, 0)))  # (E, out, in)
+    return parts
+
+
 def expert_gram(block: ExpertBlock, chunk_rows: int = GRAM_CHUNK_ROWS) -> torch.Tensor:
     """Gram matrix (E, E) float64 of the flattened experts, shared expert first.
 
@@ -121,13 +146,9 @@ def expert_gram(block: ExpertBlock, chunk_rows: int = GRAM_CHUNK_ROWS) -> torch.
     have a cosine of exactly 1.
     """
     experts, shared = block.experts, block.shared_expert
-    parts: list[tuple[torch.Tensor, torch.Tensor | None]] = [
-        (experts.gate_up_proj, None if shared is None else
-         torch.cat([shared.gate_proj.weight, shared.up_proj.weight])),  # (2I, H): the stacked layout
-        (experts.down_proj, None if shared is None else shared.down_proj.weight),
-    ]
     size = experts.num_experts + (shared is not None)
-    gram = torch.zeros(size, size, dtype=torch.float64, device=experts.gate_up_proj.device)
+    parts = _lora_parts(block) if isinstance(experts, LoRAExperts) else _full_parts(block)
+    gram = torch.zeros(size, size, dtype=torch.float64, device=parts[0][0].device)
     with torch.no_grad():
         for stacked, single in parts:
             for start in range(0, stacked.shape[1], chunk_rows):

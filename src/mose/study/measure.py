@@ -40,8 +40,8 @@ def trainable_params(model: nn.Module) -> int:
     MoSE's routers are counted once: the router stage and the SFT stage train the same routers.
     """
     blocks = expert_blocks(model)
-    if blocks:
-        return _count(blocks)
+    if blocks:  # less a LoRA block's frozen base FFN
+        return _count(blocks) - _count([b.base for b in blocks if b.base is not None])
     layers = arch_of(model).layers(model)
     return _count([layers[i].mlp for i in resolve_layers("even", len(layers))])
 
