@@ -5,6 +5,9 @@ tokenizer, image processor, the resolved recipe): `mose.from_pretrained(DIR)`
 or `mose predict --model DIR` need nothing else. A resume state holds what the
 stage changes (its trainable weights, the optimizer's moments, the scheduler,
 the RNG and the step), in safetensors and JSON only: nothing is unpickled.
+A sharded (FSDP2) stage's state has one part per process, `rank-R/`, holding that
+process's shards of the trainable tensors and their moments: it resumes on the
+same number of processes only, which the state's fingerprint makes sure of.
 Both are written to a temporary name and renamed, so whatever exists is complete.
 """
 
@@ -56,18 +59,48 @@ class ResumeState:
 
 def save_resume(folder: Path, step: int, fingerprint: dict[str, Any], trainable: dict[str, torch.Tensor],
                 optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Write the state after `step` optimizer steps, then drop older ones."""
-    final = folder / f"{STEP_PREFIX}{step:08d}"
-    tmp = folder / f".tmp-{STEP_PREFIX}{step:08d}"
+    """Write the state after `step` optimizer steps, then drop older ones (one writer)."""
+    tmp = begin_resume(folder, step)
+    state = optimizer.state_dict()
+    write_resume_part(tmp, trainable, state["state"])
+    finish_resume(folder, step, fingerprint, state["param_groups"], scheduler)
+
+
+def temp_folder(folder: Path, step: int) -> Path:
+    """Where the state after `step` is written before it is complete."""
+    return folder / f".tmp-{STEP_PREFIX}{step:08d}"
+
+
+def begin_resume(folder: Path, step: int) -> Path:
+    """A fresh temporary folder for the state after `step`, to write the parts into."""
+    tmp = temp_folder(folder, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    moments, groups = _flatten_optimizer(optimizer.state_dict())
-    save_file(moments, tmp / "optimizer.safetensors")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    return tmp
+
+
+def write_resume_part(folder: Path, trainable: dict[str, torch.Tensor],
+                      moments: dict[int, dict[str, torch.Tensor]], part: str | None = None) -> None:
+    """One process's share of a state: its trainable tensors, their optimizer moments (AdamW's
+    {param index: {name: tensor}}) and its torch RNG, in `folder/part` (`folder` itself without a part).
+
+    A sharded stage writes one part per process, each holding the local shards of its tensors.
+    """
+    where = folder / part if part else folder
+    where.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
+    save_file(tensors, where / "trainable.safetensors")
+    save_file(_flatten_moments(moments), where / "optimizer.safetensors")
+    save_file({"torch": torch.get_rng_state()}, where / "rng.safetensors")
+
+
+def finish_resume(folder: Path, step: int, fingerprint: dict[str, Any], optimizer_groups: list[dict],
+                  scheduler: Any, parts: int = 0) -> None:
+    """Complete the temporary folder of `step` (its parts all written) and rename it into place."""
+    tmp, final = temp_folder(folder, step), folder / f"{STEP_PREFIX}{step:08d}"
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    meta = {"step": step, "fingerprint": fingerprint, "optimizer_groups": groups,
-            "scheduler": scheduler_state, "python_rng": _jsonable(random.getstate())}
+    meta = {"step": step, "fingerprint": fingerprint, "optimizer_groups": _jsonable(optimizer_groups),
+            "scheduler": scheduler_state, "python_rng": _jsonable(random.getstate()), "parts": parts}
     (tmp / "state.json").write_text(json.dumps(meta))
     tmp.rename(final)
     for older in folder.glob(f"{STEP_PREFIX}*"):
@@ -75,19 +108,23 @@ def save_resume(folder: Path, step: int, fingerprint: dict[str, Any], trainable:
             shutil.rmtree(older)
 
 
-def load_resume(folder: Path) -> ResumeState | None:
-    """The newest complete resume state in `folder`, or None."""
+def load_resume(folder: Path, part: str | None = None) -> ResumeState | None:
+    """The newest complete resume state in `folder` (this process's `part` of it), or None."""
     steps = sorted(folder.glob(f"{STEP_PREFIX}*")) if folder.is_dir() else []
     if not steps:
         return None
     latest = steps[-1]
     meta = json.loads((latest / "state.json").read_text())
-    moments = load_file(latest / "optimizer.safetensors")
+    where = latest / part if part else latest
+    if not (where / "trainable.safetensors").is_file():
+        # Another layout (a sharded stage's parts, or one whole state): the fingerprint says why.
+        return ResumeState(meta["step"], meta["fingerprint"], {}, {}, meta["scheduler"], {})
+    moments = load_file(where / "optimizer.safetensors")
     optimizer = {"state": _unflatten_moments(moments), "param_groups": meta["optimizer_groups"]}
     python_rng = meta["python_rng"]
-    rng = {"torch": load_file(latest / "rng.safetensors")["torch"],
+    rng = {"torch": load_file(where / "rng.safetensors")["torch"],
            "python": (python_rng[0], tuple(python_rng[1]), python_rng[2])}
-    return ResumeState(meta["step"], meta["fingerprint"], load_file(latest / "trainable.safetensors"),
+    return ResumeState(meta["step"], meta["fingerprint"], load_file(where / "trainable.safetensors"),
                        optimizer, meta["scheduler"], rng)
 
 
@@ -98,24 +135,28 @@ def restore_rng(rng: dict[str, Any]) -> None:
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Copy saved trainable weights into the model, refusing any mismatch."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(tensors) ^ set(params))
-    wrong = [k for k in tensors if k in params and params[k].shape != tensors[k].shape]
+    copy_tensors({name: p for name, p in model.named_parameters() if p.requires_grad}, tensors, source)
+
+
+def copy_tensors(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy saved tensors into `targets` (parameters, or the local shards of sharded ones) by name."""
+    missing = sorted(set(tensors) ^ set(targets))
+    wrong = [k for k in tensors if k in targets and targets[k].shape != tensors[k].shape]
     if missing or wrong:
         raise ValueError(f"{source}: the resume state does not match the model "
                          f"(weights not trained by both {missing[:3]}, wrong shapes {wrong[:3]})")
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            targets[name].copy_(value)
 
 
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _flatten_moments(state: dict[int, dict[str, Any]]) -> dict[str, torch.Tensor]:
     """AdamW's {param index: {moment: tensor}} as flat safetensors keys `index.moment`."""
     moments = {}
-    for index, per_param in state["state"].items():
+    for index, per_param in state.items():
         for key, value in per_param.items():
             moments[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return moments, _jsonable(state["param_groups"])
+    return moments
 
 
 def _unflatten_moments(moments: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:

@@ -9,6 +9,7 @@ one big batch: one process with batch 4 equals two with batch 2.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -16,16 +17,27 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from mose.data.collate import Collator
-from mose.train.checkpoint import load_resume, load_trainable, restore_rng, save_resume
+from mose.layers import Router
+from mose.train.checkpoint import (
+    begin_resume,
+    copy_tensors,
+    finish_resume,
+    load_resume,
+    restore_rng,
+    temp_folder,
+    write_resume_part,
+)
 from mose.train.data import BatchOrder
 from mose.train.recipe import TrainOptions
 
@@ -87,28 +99,33 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
         # The DeepSpeed engine steps at every backward unless it accumulates itself.
         raise ValueError(f"stage {plan.name!r}: under DeepSpeed set grad_accum 1 and raise "
                          "batch_size (or the number of processes) instead")
-    named = freeze_all_but(model, plan.trainable, plan.frozen)
-    params = [p for _, p in named]
+    freeze_all_but(model, plan.trainable, plan.frozen)
     order = BatchOrder(len(plan.dataset), opts.batch_size, opts.grad_accum, acc.num_processes, ctx.seed)
     total = order.total_steps(opts.epochs, opts.max_steps)
-    optimizer = adamw(params, opts.lr, opts.weight_decay)
+    optimizer = adamw(_param_groups(model, acc), opts.lr, opts.weight_decay)
     scheduler = get_scheduler(SCHEDULES[opts.schedule], optimizer,
                               num_warmup_steps=math.ceil(opts.warmup_ratio * total),
                               num_training_steps=total)
-    # Everything the batches and the schedule depend on: a resume must run with the same.
-    fingerprint = {"options": asdict(opts), "world_size": acc.num_processes,
-                   "samples": len(plan.dataset), "seed": ctx.seed}
-    start = _resume(model, optimizer, scheduler, ctx.resume_dir, fingerprint) if resume else 0
+    fingerprint = _fingerprint(acc, plan, ctx.seed)
     if opts.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
-    runner, optimizer = acc.prepare(model, optimizer)
+    runner, optimizer = _prepare(acc, model, optimizer, plan)
+    # After prepare: FSDP2 replaced every parameter by a sharded one (and re-pointed the
+    # optimizer to them), so the tensors to clip and to save are the prepared model's.
+    named = [(n, p) for n, p in acc.unwrap_model(runner).named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # Parameters FSDP2 left whole on every process: the loop averages their gradients.
+    replicated = [p for m in replicated_modules(model) for p in m.parameters() if p.requires_grad] \
+        if acc.is_fsdp2 else []
+    layout = _resume_layout(acc)
+    start = _resume(named, optimizer, scheduler, ctx.resume_dir, fingerprint, layout) if resume else 0
     logger = StageLogger(ctx, plan.name, total, start)
     try:
         for step in range(start, total):
             batches = [ctx.collator([plan.dataset[i] for i in rows])
                        for rows in order.micro_batches(step, acc.process_index)]
-            loss, grad_norm = _step(runner, plan, batches, optimizer, params, acc)
+            loss, grad_norm = _step(runner, plan, batches, optimizer, params, acc, replicated)
             scheduler.step()
             done = step + 1
             if done % opts.log_every == 0 or done == total:
@@ -116,9 +133,8 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
                            samples=order.per_step)
             else:
                 logger.advance(done, order.per_step)
-            # Resume states hold whole trainable tensors, which sharded runs do not have.
-            if opts.save_every and done % opts.save_every == 0 and done < total and not sharded:
-                _save_resume(acc, fingerprint, named, optimizer, scheduler, ctx.resume_dir, done)
+            if opts.save_every and done % opts.save_every == 0 and done < total and layout != NO_RESUME:
+                _save_resume(acc, fingerprint, named, optimizer, scheduler, ctx.resume_dir, done, layout)
     finally:
         logger.close()
         if opts.grad_checkpointing:
@@ -130,20 +146,128 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
     return state_dict
 
 
-def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def _fingerprint(acc: Accelerator, plan: StagePlan, seed: int) -> dict:
+    """Everything the batches, the schedule and the resume files' layout depend on: a
+    resume must run with the same."""
+    fingerprint = {"options": asdict(plan.options), "world_size": acc.num_processes,
+                   "samples": len(plan.dataset), "seed": seed}
+    if acc.distributed_type in SHARDED:  # absent otherwise, as in states written before it
+        fingerprint["sharding"] = acc.distributed_type.value
+    return fingerprint
+
+
+def _prepare(acc: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+             plan: StagePlan) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """accelerate's prepare, given what it cannot infer from the loop (which has no DataLoader)."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        plugin = acc.state.deepspeed_plugin
+        # Each stage completes the config as launched, not as the previous stage left it
+        # (prepare fills it in place; the next stage may have another batch size).
+        if not hasattr(plugin, "mose_launched_config"):
+            plugin.mose_launched_config = copy.deepcopy(plugin.deepspeed_config)
+        config = plugin.deepspeed_config  # accelerate reads this very dict: refill it in place
+        config.clear()
+        config.update(copy.deepcopy(plugin.mose_launched_config))
+        complete_deepspeed_config(config, plan.options, acc.mixed_precision, acc.num_processes, plan.name)
+    if acc.is_fsdp2:
+        narrow_fsdp_wrap(acc.state.fsdp_plugin, model)
+        acc.state.fsdp_plugin.ignored_modules = replicated_modules(model) or None
+    runner, optimizer = acc.prepare(model, optimizer)
+    if acc.is_fsdp2:
+        # Like DDP's find_unused_parameters: a parameter one process's samples left without a
+        # gradient is reduced as zeros, or the processes' reduce-scatters would not match.
+        runner.set_reduce_scatter_unused_params(True)
+    return runner, optimizer
+
+
+def replicated_modules(model: nn.Module) -> list[nn.Module]:
+    """What FSDP2 leaves whole on every process: the routers, which are tiny. The skill loss
+    calls them outside the model's forward (on detached inputs), where FSDP2 would hold only
+    each process's shard of their weights, and FSDP2's bf16 policy would all-gather their
+    float32 weights in bf16 (rounded router weights flip skills)."""
+    return [m for m in model.modules() if isinstance(m, Router)]
+
+
+def complete_deepspeed_config(config: dict[str, Any], opts: TrainOptions, mixed_precision: str,
+                              world: int, stage: str = "stage") -> dict[str, Any]:
+    """Fill, in place, the DeepSpeed config keys accelerate would take from a DataLoader
+    (which the loop does not have) or from its own defaults (clipping at 1.0): the stage's
+    micro-batch, no accumulation inside the engine (mose accumulates), the recipe's clipping
+    (0: none) and the mixed precision. A value set explicitly to something else is an error,
+    not silently overridden either way."""
+    clip = opts.max_grad_norm or 0.0
+    wanted = {"train_micro_batch_size_per_gpu": opts.batch_size, "gradient_accumulation_steps": 1,
+              "train_batch_size": opts.batch_size * world, "gradient_clipping": clip,
+              "bf16.enabled": mixed_precision == "bf16", "fp16.enabled": mixed_precision == "fp16"}
+    recipe_key = {"train_micro_batch_size_per_gpu": "batch_size", "train_batch_size": "batch_size",
+                  "gradient_accumulation_steps": "grad_accum", "gradient_clipping": "max_grad_norm"}
+    for key, value in wanted.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        current = node.get(leaf, "auto")
+        if current == "auto":
+            node[leaf] = value
+        elif _differs(current, value):
+            theirs = f"stages.{stage}.{recipe_key[key]}" if key in recipe_key else "mixed_precision"
+            raise ValueError(f"the DeepSpeed config sets {key}: {current!r} but {theirs} asks for "
+                             f"{value!r}; set it to 'auto' (or remove it) so that the recipe decides")
+    return config
+
+
+def _differs(current: Any, value: Any) -> bool:
+    if isinstance(value, bool):
+        return str(current).lower() != str(value).lower()
+    return float(current) != float(value)
+
+
+def narrow_fsdp_wrap(plugin: Any, model: nn.Module) -> list[str]:
+    """Keep, of the FSDP config's layer classes to wrap, those this model has: the shipped
+    config names both Qwen2-VL and Qwen2.5-VL's (and text-only) layers, and accelerate
+    refuses a name the model lacks."""
+    names = plugin.transformer_cls_names_to_wrap
+    if not names:
+        return []  # accelerate's default: the model's _no_split_modules
+    present = {type(m).__name__ for m in model.modules()}
+    kept = [n for n in names if n in present]
+    if not kept:
+        raise ValueError(f"fsdp_transformer_layer_cls_to_wrap ({','.join(names)}) names none of the "
+                         f"model's layer classes; add its decoder layer class (one of "
+                         f"{', '.join(sorted(n for n in present if n.endswith(('Layer', 'Block'))))})")
+    plugin.transformer_cls_names_to_wrap = kept
+    return kept
+
+
+def _param_groups(model: nn.Module, acc: Accelerator) -> list[dict[str, list[nn.Parameter]]]:
+    """The trainable parameters; under FSDP2 those it leaves whole in a group of their own,
+    as the fused step runs per group and cannot mix sharded and plain tensors."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    whole = {id(p) for m in replicated_modules(model) for p in m.parameters()} if acc.is_fsdp2 else set()
+    groups = [[p for p in trainable if id(p) not in whole], [p for p in trainable if id(p) in whole]]
+    return [{"params": g} for g in groups if g]
+
+
+def adamw(params: list[nn.Parameter] | list[dict], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW, fused where torch has the kernel: the stacked experts hold every expert's
-    moments, and on the CPU the fused step is 3-4x faster than the per-tensor one."""
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    moments, and on the CPU the fused step is 3-4x faster than the per-tensor one.
+    `params`: parameters, or parameter groups ({"params": [...]})."""
+    flat = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in flat)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def _step(runner: nn.Module, plan: StagePlan, batches: list[dict[str, torch.Tensor]],
           optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-          acc: Accelerator) -> tuple[float, float]:
-    """One optimizer step over the micro-batches: (mean loss over all processes, gradient norm)."""
+          acc: Accelerator, replicated: list[nn.Parameter] = ()) -> tuple[float, float]:
+    """One optimizer step over the micro-batches: (mean loss over all processes, gradient norm).
+
+    `replicated`: parameters whose gradients no wrapper averages over the processes (those
+    FSDP2 leaves whole), averaged here as DDP and FSDP average theirs.
+    """
     items = sum(_items(b) for b in batches)
     global_items = acc.reduce(torch.tensor(float(items), device=acc.device), "sum").item()
-    # The process-mean of gradients (DDP) times `world` makes the sum over all items.
+    # The process-mean of gradients (DDP, FSDP) times `world` makes the sum over all items.
     scale = acc.num_processes / max(global_items, 1.0)
     total = 0.0
     for i, batch in enumerate(batches):
@@ -155,6 +279,7 @@ def _step(runner: nn.Module, plan: StagePlan, batches: list[dict[str, torch.Tens
                 loss_sum = plan.objective(runner, batch)
             acc.backward(loss_sum * scale)
         total += loss_sum.item()
+    average_gradients(replicated, acc)
     max_norm = plan.options.max_grad_norm or math.inf  # inf: measure, do not clip
     grad_norm = acc.clip_grad_norm_(params, max_norm)  # unscales fp16, knows FSDP shards
     optimizer.step()
@@ -163,33 +288,96 @@ def _step(runner: nn.Module, plan: StagePlan, batches: list[dict[str, torch.Tens
     return loss, math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed clips itself
 
 
+def average_gradients(params: list[nn.Parameter], acc: Accelerator) -> None:
+    """The process-mean of these parameters' gradients, in one collective (a parameter this
+    process's samples left without a gradient counts as zeros, so every process sends the same)."""
+    if not params or acc.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = acc.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")  # (sum of numels,)
+    for p, chunk in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad = chunk.view_as(p)
+
+
 def _items(batch: dict[str, torch.Tensor]) -> float:
     """What the stage's loss averages over: answer tokens."""
     return float((batch["labels"][:, 1:] != -100).sum())
 
 
-def _resume(model, optimizer, scheduler, folder: Path, fingerprint: dict) -> int:
-    state = load_resume(folder)
+# Resume layouts: whole tensors written by the main process (one process, DDP), one part
+# per process holding its shards (FSDP2), or none (DeepSpeed, whose engine keeps its own
+# flattened, partitioned optimizer state: an interrupted stage restarts).
+WHOLE, NO_RESUME = None, "none"
+
+
+def _resume_layout(acc: Accelerator) -> str | None:
+    if acc.distributed_type == DistributedType.DEEPSPEED or (
+            acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2):
+        return NO_RESUME
+    if acc.is_fsdp2:
+        return f"rank-{acc.process_index:05d}"
+    return WHOLE
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) tensor; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _resume(named: list[tuple[str, nn.Parameter]], optimizer, scheduler, folder: Path,
+            fingerprint: dict, layout: str | None) -> int:
+    if layout == NO_RESUME:
+        return 0
+    state = load_resume(folder, layout)
     if state is None:
         return 0
     current = json.loads(json.dumps(fingerprint))  # as the saved one went through JSON
     if state.fingerprint != current:
-        changed = sorted(k for k in current if state.fingerprint.get(k) != current[k])
+        changed = sorted(k for k in current.keys() | state.fingerprint.keys()
+                         if state.fingerprint.get(k) != current.get(k))
         options = sorted(k for k, v in current["options"].items()
-                         if state.fingerprint["options"].get(k) != v)
+                         if state.fingerprint.get("options", {}).get(k) != v)
         raise ValueError(f"{folder}: the interrupted stage ran with other settings ({', '.join(changed)}"
                          f"{': ' + ', '.join(options) if options else ''}); resume with the same recipe and "
                          "processes, or delete that folder to start the stage over")
-    load_trainable(model, state.trainable, folder)
-    optimizer.load_state_dict(state.optimizer)
+    copy_tensors({n: _local(p) for n, p in named}, state.trainable, folder)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.load_state_dict({"state": {i: {k: _like(v, params[i], k) for k, v in moments.items()}
+                                         for i, moments in state.optimizer["state"].items()},
+                               "param_groups": state.optimizer["param_groups"]})
     scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)})
     restore_rng(state.rng)
     return state.step
 
 
-def _save_resume(acc, fingerprint, named, optimizer, scheduler, folder: Path, step: int) -> None:
+def _like(saved: torch.Tensor, param: torch.Tensor, key: str) -> torch.Tensor:
+    """A saved moment back as the sharded tensor its parameter is (AdamW's `step` stays plain)."""
+    if not isinstance(param, DTensor) or key == "step":
+        return saved
+    return DTensor.from_local(saved.to(param.device), param.device_mesh, param.placements,
+                              run_check=False, shape=param.shape, stride=param.stride())
+
+
+def _save_resume(acc: Accelerator, fingerprint: dict, named: list[tuple[str, nn.Parameter]],
+                 optimizer, scheduler, folder: Path, step: int, layout: str | None) -> None:
+    """Every process writes its part of a sharded state (after the main one made the folder),
+    the main process alone a whole one; the main process renames it into place once all are done."""
+    state = optimizer.state_dict()
+    if layout == WHOLE:
+        if acc.is_main_process:
+            tmp = begin_resume(folder, step)
+            write_resume_part(tmp, dict(named), state["state"])
+            finish_resume(folder, step, fingerprint, state["param_groups"], scheduler)
+        acc.wait_for_everyone()
+        return
     if acc.is_main_process:
-        save_resume(folder, step, fingerprint, dict(named), optimizer, scheduler)
+        begin_resume(folder, step)
+    acc.wait_for_everyone()
+    moments = {i: {k: _local(v) for k, v in per_param.items()} for i, per_param in state["state"].items()}
+    write_resume_part(temp_folder(folder, step), {n: _local(p) for n, p in named}, moments, layout)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        finish_resume(folder, step, fingerprint, state["param_groups"], scheduler, parts=acc.num_processes)
     acc.wait_for_everyone()
 
 

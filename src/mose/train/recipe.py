@@ -158,7 +158,8 @@ class Recipe:
     data: DataOptions = field(default_factory=DataOptions)
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU has it
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
+    # weights as loaded; training stages need float32 (mixed_precision computes in half precision)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     source: str = "<recipe>"  # the file it came from, for error messages
 
     def to_dict(self) -> dict[str, Any]:

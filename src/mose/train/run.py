@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
 from rich.console import Console
 from transformers.utils import logging as transformers_logging
 
@@ -101,7 +101,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
             console.print(f"[green]stage {name} done[/green] → {out / name} " +
                           " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     if accelerator.is_main_process:
-        summary = {"world_size": accelerator.num_processes, "stages": results}
+        summary = {"world_size": accelerator.num_processes,
+                   "distributed": accelerator.distributed_type.value, "stages": results}
         with atomic_path(out / RESULTS_FILE) as temp:
             temp.write_text(json.dumps(summary, indent=2) + "\n")
     return results
@@ -135,8 +136,44 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     # Without cpu=True, processes started by `accelerate launch` on a machine with no GPU
     # each run alone (DistributedType.NO) instead of joining one gloo group.
-    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp],
-                       cpu=not torch.cuda.is_available())
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and _launched_with("ACCELERATE_USE_DEEPSPEED"):
+        # With cpu=True accelerate ignores DeepSpeed (plain data parallel); with cpu=False the
+        # engine starts on the CPU but accelerate counts every process as rank 0 of 1.
+        raise RecipeError("the accelerate config asks for DeepSpeed, which accelerate does not run "
+                          "on a machine without a GPU (it would silently train something else); use "
+                          "configs/accelerate/ddp.yaml or fsdp.yaml here")
+    accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp], cpu=on_cpu)
+    if on_cpu and _launched_with("ACCELERATE_USE_FSDP"):
+        fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _launched_with(variable: str) -> bool:
+    return os.environ.get(variable, "false").lower() == "true"
+
+
+def fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Run FSDP2 over gloo where there is no GPU, as accelerate runs it on GPUs.
+
+    With cpu=True accelerate keeps DistributedType.MULTI_CPU whatever the launcher said, so
+    an FSDP config would silently train plain data parallel. torch's FSDP2 itself runs on
+    CPU tensors over gloo; only accelerate's device check stands in the way. Turning the
+    state to FSDP (with the plugin the launcher's FSDP_* variables describe) makes every
+    later call (prepare, clipping, the gathered state dict) take accelerate's FSDP2 path.
+    """
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise RecipeError("the accelerate config asks for FSDP version 1, which runs on GPUs only; "
+                          "set fsdp_config.fsdp_version: 2 to shard on CPU processes")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    # As AcceleratorState does on GPUs: every later AcceleratorState() copies PartialState's.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def cap_image_pixels(processor: Any, max_pixels: int) -> None:
@@ -171,6 +208,7 @@ def _run_training(model, processor, recipe: Recipe, name: str, stage, data: Stag
 
 def check_recipe(recipe: Recipe) -> dict[str, StageData]:
     """Validate the stage order and every stage's data against the model; the data per stage."""
+    _check_weight_dtype(recipe)
     model_type = model_type_of(recipe.model)
     converted = is_converted(model_type)
     taxonomy = _saved_taxonomy(recipe.model) if converted else None
@@ -196,6 +234,18 @@ def check_recipe(recipe: Recipe) -> dict[str, StageData]:
             raise RecipeError(f"{where}: router pretraining needs a MoSE model, not the token-MoE baseline")
         data[name] = _stage_data(recipe, name, stage, records, taxonomy if mose_kind else None, where)
     return data
+
+
+def _check_weight_dtype(recipe: Recipe) -> None:
+    """Training stages keep float32 weights: AdamW applied to bf16 weights rounds most small
+    updates away (at lr 2e-5, 20 steps moved only a fifth of them). Half precision belongs to
+    the compute, through mixed precision, which keeps the float32 master weights."""
+    training = [name for name, stage in recipe.stages.items() if not isinstance(stage, ConvertStage)]
+    if recipe.dtype != "float32" and training:
+        half = "fp16" if recipe.dtype == "float16" else "bf16"
+        raise RecipeError(f"{recipe.source}: 'dtype' is {recipe.dtype}, but stage {training[0]!r} trains, "
+                          f"and optimizer steps on {recipe.dtype} weights lose most updates; keep "
+                          f"'dtype: float32' and set 'mixed_precision: {half}' to compute in {half}")
 
 
 def _stage_data(recipe: Recipe, name: str, stage, records: RecordCache, taxonomy: Taxonomy | None,
