@@ -170,7 +170,7 @@ def test_every_method_is_a_valid_recipe_on_the_same_budget(method):
     final = recipe.stages["sft"]
     assert (final.epochs, final.lr, final.batch_size) == (2, 1e-3, 16)
     assert ("router" in recipe.stages) == METHODS[method].routed == (method in ("mose", "mose_groups",
-                                                                              "mose_question"))
+                                                                              "mose_question", "mose_lora"))
     if "router" in recipe.stages:  # the stage's held-out split is kept: it reports the routers' accuracy
         assert recipe.stages["router"].eval_size >= 1 and recipe.stages["router"].epochs == 5
     if method.startswith("moe"):
@@ -225,6 +225,16 @@ def test_headlines_per_benchmark():
     assert fmt([]) == "—"
     assert headline("world", world_scores(40.0, 30.0)) == {"overall": 40.0, "perception": 30.0,
                                                            "routing chain": 50.0}
+
+
+@pytest.mark.parametrize("method", ["mose_lora", "moe_4x1_lora"])
+def test_lora_methods_convert_to_lora_experts_like_for_like(method):
+    stages = method_stages(method, {"epochs": 2}, {"labelled": 9}, "driving", "labelled.jsonl")
+    full = method_stages(method.removesuffix("_lora"), {"epochs": 2},
+                         {"labelled": 9}, "driving", "labelled.jsonl")
+    convert = stages["convert"]["mose" if method == "mose_lora" else "token_moe"]
+    assert convert.pop("experts") == "lora" and convert.pop("lora_rank") > 0
+    assert stages == full  # everything else as the full-expert method
 
 
 @pytest.mark.parametrize("method", ["mose", "mose_groups", "mose_question"])

@@ -92,6 +92,9 @@ def model_facts(model: nn.Module) -> ModelFacts:
 
 
 def _block_facts(block: ExpertBlock) -> tuple[int, bool]:
+    """(FFN-wide computations a token's routed experts make, whether a shared one runs beside)."""
+    if block.base is not None:  # LoRA experts: one FFN, its deltas folded in at low rank
+        return 1, False
     # A MoSE block with modality groups sends each token to one expert of its group per chosen skill.
     return block.top_k, block.shared_expert is not None
 

@@ -26,6 +26,10 @@ same starting model on the same answer data with the same options (`finetune`):
   is, labelled by the `question_rules` (e.g. `world-driving-question`) on the
   training and test splits; the same router pretraining as `mose`.
 
+- `mose_lora`, `moe_4x1_lora`: `mose` and `moe_4x1` with LoRA experts
+  (`experts: lora`, rank `LORA_RANK`): the FFN frozen, a shared and a routed
+  low-rank delta of it, like for like.
+
 The token MoEs keep a shared expert so that a token uses two FFNs in every
 method but dense SFT: the paper matches the experts MoSE activates.
 """
@@ -42,6 +46,7 @@ class Method:
     mose: bool  # a MoSE model: skill experts, a taxonomy, a skill chain with every answer
     oracle: bool = False  # routes forced to the labelled chain in training and at test (an upper bound)
     question_skills: bool = False  # the study's question taxonomy and rules, not its content taxonomy
+    lora: bool = False  # LoRA experts: low-rank deltas of the frozen FFN, not full copies of it
 
     @property
     def routed(self) -> bool:
@@ -57,11 +62,14 @@ METHODS = {
     "moe_8x1": Method("MoE 8×1", mose=False),
     "mose": Method("MoSE", mose=True),
     "mose_groups": Method("MoSE + groups", mose=True),
+    "mose_lora": Method("MoSE, LoRA experts", mose=True, lora=True),
+    "moe_4x1_lora": Method("MoE 4×1, LoRA experts", mose=False, lora=True),
     "mose_oracle": Method("MoSE oracle routes (upper bound) †", mose=True, oracle=True),
     # Last: its runs read their own labelled file, so those of the other methods share encodings.
     "mose_question": Method("MoSE, question skills", mose=True, question_skills=True),
 }
 FINE_TUNE, REFIT = "sft", "refit"
+LORA_RANK = 16
 
 
 def final_stage(method: str) -> str:
@@ -91,13 +99,15 @@ def method_stages(method: str, finetune: dict[str, Any], router: dict[str, Any] 
     sft = {"stage": "sft", **finetune}
     if method == "dense_sft":
         return {"sft": {**sft, "stage": "backbone", "trainable": "ffn", "layers": "even"}}
-    if method in ("moe_4x1", "moe_8x1"):
-        experts = 4 if method == "moe_4x1" else 8
-        return {"convert": {"token_moe": {"num_experts": experts, "top_k": 1, "shared_expert": True}},
+    lora = {"experts": "lora", "lora_rank": LORA_RANK} if METHODS[method].lora else {}
+    if method.startswith("moe_"):
+        experts = 8 if method == "moe_8x1" else 4
+        return {"convert": {"token_moe": {"num_experts": experts, "top_k": 1, "shared_expert": True,
+                                          **lora}},
                 "sft": sft}
     if taxonomy is None:
         raise ValueError(f"{method} needs a taxonomy")
-    mose = {"taxonomy": taxonomy, "modality_groups": method == "mose_groups"}
+    mose = {"taxonomy": taxonomy, "modality_groups": method == "mose_groups", **lora}
     if METHODS[method].oracle:  # routed by the labels: the routers neither train nor choose
         forced = {"teacher_forcing": True, "train_routers": False,
                   **({"data": oracle_data} if oracle_data else {})}
