@@ -461,5 +461,98 @@ def version() -> None:
     console.print(__version__)
 
 
+@app.command("export")
+def export_command(
+    model: Path = typer.Option(..., help="a converted MoSE model directory"),
+    out: Path = typer.Option(..., help="folder to write (manifest.json, routers, base/, adapters/; "
+                             "with --merge: the merged checkpoint)"),
+    chain: list[str] = typer.Option([], help="LEVEL=SKILL,... one chain to export (repeatable; levels "
+                                     "left out are general); default: every chain the model can choose"),
+    merge: str | None = typer.Option(None, help="LEVEL=SKILL,...: write this one chain merged into a "
+                                     "plain dense checkpoint instead of adapters"),
+    base: bool = typer.Option(True, "--base/--no-base", help="also write the dense base the adapters "
+                              "apply to (OUT/base)"),
+    overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
+) -> None:
+    """Per-chain PEFT LoRA adapters of a MoSE model for multi-LoRA serving, or one chain merged."""
+    from mose.export import check_exportable, export_adapters, export_merged, parse_chain
+    from mose.models.loading import is_converted, load_model, model_type_of
+
+    try:
+        if merge is not None and chain:
+            raise ValueError("--merge writes one chain: give it alone, without --chain")
+        if not is_converted(model_type_of(str(model))):
+            raise ValueError(f"{model}: not a converted mose model directory (its config.json's "
+                             "model_type does not start with mose_)")
+        loaded, processor = load_model(str(model))
+        taxonomy = check_exportable(loaded, merge=merge is not None).taxonomy
+        if merge is not None:
+            path = export_merged(loaded, out, parse_chain(merge, taxonomy), processor=processor,
+                                 overwrite=overwrite)
+            console.print(f"wrote {path}: a dense {loaded.mose_arch.model_class.__name__} with the "
+                          "chain's deltas merged in")
+            return
+        chains = [parse_chain(c, taxonomy) for c in chain] or None  # None: every chain
+        manifest = export_adapters(loaded, out, chains, processor=processor, with_base=base,
+                                   overwrite=overwrite, progress=True)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        fail(error)
+    lora = manifest["lora"]
+    console.print(f"wrote {len(manifest['chains'])} adapters (rank {lora['r']}, lora_alpha "
+                  f"{lora['lora_alpha']}) to {out / 'adapters'}, the manifest {out / 'manifest.json'}"
+                  + (f" and the dense base {out / 'base'}" if base else ""))
+
+
+@app.command()
+def route(
+    model: str = typer.Option(..., help="a converted MoSE model directory"),
+    data: Path = typer.Option(..., help="sample-record JSONL to route"),
+    out: Path | None = typer.Option(None, help="JSONL to write: {id, skill_chain, adapter, exact} per line"),
+    manifest: Path | None = typer.Option(None, help="a `mose export` folder: adapters it lacks show as none"),
+    batch_size: int = typer.Option(8, help="batch size of the routing pass"),
+    show: int = typer.Option(20, help="records printed (all are written to --out)"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+) -> None:
+    """The routing pass alone: each record's skill chain and the exported adapter it maps to."""
+    import json
+    from collections import Counter
+
+    from mose.data import DataError, read_jsonl
+    from mose.export import read_manifest, route_records
+    from mose.models.loading import load_for_inference
+
+    try:
+        where = placement(device, dtype)
+        samples = list(read_jsonl(data))
+        exported = read_manifest(manifest) if manifest is not None else None
+        loaded, processor = load_for_inference(model, where)
+        rows = route_records(loaded, processor, samples, manifest=exported, batch_size=batch_size,
+                             progress=True, source=str(data))
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            tmp.replace(out)
+    except (ValueError, DataError, FileNotFoundError) as error:
+        fail(error)
+    table = Table("id", "skill chain", "adapter", "exact", title=f"routes of {len(rows)} records")
+    for row in rows[:show]:
+        table.add_row(str(row["id"]), " → ".join(row["skill_chain"].values()),
+                      row["adapter"] or "[yellow]not exported[/yellow]", "yes" if row["exact"] else "no")
+    console.print(table)
+    counts = Counter(row["adapter"] for row in rows)
+    console.print(f"{len(counts)} adapters used; " + ", ".join(f"{k}: {v}" for k, v in counts.most_common(5)))
+    inexact = sum(not row["exact"] for row in rows)
+    if inexact:
+        console.print(f"[yellow]{inexact} record(s) not exact[/yellow]: top-k > 1, or a level's layers chose "
+                      "different skills, so the chain's adapter only approximates the MoSE model there")
+    missing = sum(row["adapter"] is None for row in rows)
+    if missing:
+        console.print(f"[yellow]{missing} record(s) map to chains not in {manifest}[/yellow]")
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
 if __name__ == "__main__":
     app()
