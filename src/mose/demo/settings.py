@@ -51,8 +51,8 @@ class DemoSettings:
 
 # Calibrated on a 2-core CPU (README, "The demo", lists the runs). The lr was chosen on dense SFT
 # and is shared by every method.
-DEFAULT = DemoSettings(pretrain_samples=6000, pretrain_steps=1000, train_samples=6000, labelled=1000,
-                       test_samples=400, steps=700)
+DEFAULT = DemoSettings(pretrain_samples=6000, pretrain_steps=600, train_samples=6000, labelled=1000,
+                       test_samples=400, steps=500)
 # --quick checks the pipeline; its scores mean little.
 QUICK = replace(DEFAULT, pretrain_samples=400, pretrain_steps=100, train_samples=400, labelled=160,
                 test_samples=96, steps=60)
