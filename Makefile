@@ -30,7 +30,7 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	cd bench && for b in layers model scaling chain serve train; do ../$(BIN)/python $$b.py $(BENCH_ARGS) || exit 1; done
 
-# The main job on a tiny Qwen2-VL, on the CPU (under 10 minutes on 2 cores): see README "The demo".
+# The main job on a tiny Qwen2-VL, on the CPU (about 10 minutes on 2 idle cores): see README "The demo".
 # DEMO_ARGS passes e.g. "--quick" or "--out runs/other"; a rerun reuses finished stages.
 DEMO_ARGS ?=
 demo: $(STAMP)
