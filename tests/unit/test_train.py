@@ -221,12 +221,18 @@ def test_every_shipped_recipe_loads(world):
     root = Path(__file__).parents[2] / "configs"
     recipes = [p for p in root.rglob("*.yaml")
                if p.parent.name != "accelerate" and not p.name.startswith("_") and "study" not in p.parts]
-    assert len(recipes) == 11
+    assert len(recipes) == 13
     for path in recipes:
         loaded = load_recipe(path, [f"data.train={world}"])
         assert loaded.stages, path
     moe = load_recipe(root / "coda-lm" / "moe-8x1.yaml")
     assert list(moe.stages) == ["convert", "sft"] and moe.stages["convert"].config().num_experts == 8
+    assert not moe.stages["sft"].teacher_forcing
+    for bench in ("coda-lm", "robo2vlm"):  # MoSE skill by skill, then its routers refitted
+        lora = load_recipe(root / bench / "mose-lora.yaml")
+        assert list(lora.stages) == ["convert", "router", "sft", "refit"]
+        assert lora.stages["sft"].teacher_forcing
+        assert lora.stages["convert"].config().experts == "lora"
 
 
 def test_a_hub_id_without_network_is_a_clear_error(tmp_path, world, monkeypatch):
