@@ -84,9 +84,11 @@ def distinct_experts(model, seed: int = 0, scale: float = 0.5) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in mose_blocks(model):
-            for weight in (block.experts.gate_up_proj, block.experts.down_proj):
+            # Full experts: gate_up_proj, down_proj; LoRA experts: their A and B (B starts at 0).
+            for weight in block.experts.parameters():
                 noise = torch.randn(weight.shape, generator=generator)  # (E, out, in)
-                weight += noise.to(weight.dtype) * weight.std() * scale
+                size = float(weight.std()) or 0.02
+                weight += noise.to(weight.dtype) * size * scale
 
 
 def prompt_batch(processor, samples) -> dict:
@@ -103,3 +105,54 @@ def mose_blocks(model):
     from mose.layers import ExpertBlock
 
     return [m for m in model.modules() if isinstance(m, ExpertBlock)]
+
+
+def routed_run(model, inputs, **kwargs):
+    """(output, routes per layer) of one no-grad forward."""
+    with torch.no_grad():
+        out = model(**inputs, **kwargs)
+    return out, dict(model.mose_state.routes)
+
+
+def assert_routes_and_logits_ignore_batch_mates(model, processor) -> None:
+    """A sample's routes and real-token logits alone = beside shorter and longer mates,
+    left or right padded (meaningful only once experts differ: `distinct_experts`)."""
+    out_alone, routes_alone = routed_run(model, vl_batch(processor, [0]))
+    variants = {
+        "left, short mate": (vl_batch(processor, [0, 2], "left"), 0),
+        "left, long mates": (vl_batch(processor, [3, 1, 0], "left"), 2),
+        "right, long mates": (vl_batch(processor, [1, 0, 3], "right"), 1),
+    }
+    for name, (inputs, row) in variants.items():
+        assert inputs["attention_mask"][row].min() == 0 or name == "left, short mate"
+        out, routes = routed_run(model, inputs)
+        for layer, route in routes.items():
+            assert torch.equal(route.experts[row], routes_alone[layer].experts[0]), name
+            torch.testing.assert_close(route.probs[row], routes_alone[layer].probs[0],
+                                       atol=1e-5, rtol=1e-5)
+        real = inputs["attention_mask"][row].bool()
+        torch.testing.assert_close(out.logits[row][real], out_alone.logits[0], atol=1e-4, rtol=1e-4)
+
+
+def assert_route_once_equals_uncached_decoding(model, processor, steps: int = 4) -> None:
+    """Decoding with a cache and the prompt's route = re-running the whole sequence with the
+    prompt's route forced at every step (EOS masked, as min_new_tokens bans it)."""
+    inputs = vl_batch(processor, [1])
+    generated = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    with torch.no_grad():
+        model(**inputs)
+    forced = torch.stack([model.mose_state.routes[i].experts[:, 0]
+                          for i in sorted(model.mose_state.routes)], dim=1)  # (1, L)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    eos = torch.tensor(model.generation_config.eos_token_id).reshape(-1)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, skill_labels=forced,
+                           use_cache=False, **extra).logits
+        logits[..., eos] = float("-inf")
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+        mask = torch.cat([mask, mask[:, -1:]], dim=1)
+        types = extra["mm_token_type_ids"]  # (B, T): 0 marks a text token
+        extra["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(types[:, :1])], dim=1)
+    assert torch.equal(generated, ids)

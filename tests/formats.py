@@ -175,3 +175,17 @@ def coda_lm_repo(root: Path) -> Path:
     (evaluation / "stage3_eval_batch.py").write_text(_REGION_SCRIPT.format(
         system="SYSTEM-REGION", template=CODA_LM_REPO_TEMPLATE))
     return root
+
+
+def coda_lm_scoring_case(folder: Path, rows: list[tuple], question: str = "Describe.") -> tuple[Path, Path]:
+    """Predictions and CODA-LM references for the scorer: one (task, category or None, prediction)
+    per row; the reference of row i is "reference i". Returns (predictions, references)."""
+    from mose.data import Sample, write_jsonl
+
+    refs = [Sample(id=f"c{i}", images=[], question=question, answer=f"reference {i}", task=task,
+                   meta={"category": category} if category is not None else {})
+            for i, (task, category, _) in enumerate(rows)]
+    write_jsonl(folder / "refs.jsonl", refs)
+    (folder / "pred.jsonl").write_text(
+        "".join(json.dumps({"id": f"c{i}", "answer": p}) + "\n" for i, (*_, p) in enumerate(rows)))
+    return folder / "pred.jsonl", folder / "refs.jsonl"

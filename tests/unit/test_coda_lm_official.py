@@ -7,8 +7,8 @@ import pytest
 from rich.console import Console
 
 from fake_llm import FakeLLM
-from formats import CODA_LM_REPO_TEMPLATE, coda_lm, coda_lm_repo, coda_lm_vqa
-from mose.data import Sample, read_jsonl, write_jsonl
+from formats import CODA_LM_REPO_TEMPLATE, coda_lm, coda_lm_repo, coda_lm_scoring_case, coda_lm_vqa
+from mose.data import read_jsonl
 from mose.data.loaders import convert_dataset
 from mose.data.loaders.coda_lm import QUESTIONS
 from mose.eval.coda_lm import REGION_WITH_LABELS, write_coda_lm_answers
@@ -74,13 +74,7 @@ def server():
 
 
 def write_case(tmp_path, rows):
-    refs = [Sample(id=f"c{i}", images=[], question="q", answer=f"reference {i}", task=task,
-                   meta={} if category is None else {"category": category})
-            for i, (task, category, _) in enumerate(rows)]
-    write_jsonl(tmp_path / "refs.jsonl", refs)
-    (tmp_path / "pred.jsonl").write_text(
-        "".join(json.dumps({"id": f"c{i}", "answer": p}) + "\n" for i, (*_, p) in enumerate(rows)))
-    return tmp_path / "pred.jsonl", tmp_path / "refs.jsonl"
+    return coda_lm_scoring_case(tmp_path, rows, question="q")
 
 
 def options(server, **kw):

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import mose
-from conftest import distinct_experts, mose_blocks, sharpen_routers, vl_batch
+from conftest import (
+    assert_route_once_equals_uncached_decoding,
+    distinct_experts,
+    mose_blocks,
+    sharpen_routers,
+    vl_batch,
+)
 
 
 def converted(tiny, **cfg):
@@ -57,26 +63,7 @@ def test_running_routing_recomputes_every_step(tiny):
 
 
 def test_route_once_generation_equals_uncached_greedy_decoding(tiny):
-    """Decoding with a cache and the prompt's route = re-running the full prompt
-    with the prompt's route forced at every step."""
-    model, processor = converted(tiny)
-    inputs = vl_batch(processor, [1])
-    generated = generate(model, inputs, 4)
-    with torch.no_grad():
-        model(**inputs)
-    forced = torch.stack([model.mose_state.routes[i].experts[:, 0]
-                          for i in sorted(model.mose_state.routes)], dim=1)  # (1, L)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    for _ in range(4):
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, skill_labels=forced,
-                           use_cache=False, **extra).logits
-        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
-        mask = torch.cat([mask, mask[:, -1:]], dim=1)
-        types = extra["mm_token_type_ids"]  # (B, T): 0 marks a text token
-        extra["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(types[:, :1])], dim=1)
-    assert torch.equal(generated, ids)
+    assert_route_once_equals_uncached_decoding(*converted(tiny))
 
 
 @pytest.mark.parametrize("cfg", [mose.MoSEConfig(modality_groups=True), mose.TokenMoEConfig()])

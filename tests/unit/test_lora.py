@@ -8,7 +8,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import mose
-from conftest import mose_blocks, sharpen_routers, text_batch, vl_batch
+from conftest import (
+    assert_route_once_equals_uncached_decoding,
+    assert_routes_and_logits_ignore_batch_mates,
+    mose_blocks,
+    routed_run,
+    sharpen_routers,
+    text_batch,
+    vl_batch,
+)
 from mose.arch import arch_of
 from mose.layers import LoRAExperts, LoRAMoSEBlock, LoRATokenMoEBlock, expert_blocks, top_k
 from mose.routing import Route
@@ -53,11 +61,6 @@ def randomise_deltas(model, seed: int = 0, std: float = 0.3, which=None) -> None
                         if chosen(e):
                             b[e] = torch.randn(b[e].shape, generator=generator) * std
 
-
-def run(model, inputs, **kwargs):
-    with torch.no_grad():
-        out = model(**inputs, **kwargs)
-    return out, dict(model.mose_state.routes)
 
 
 def real_logits(out, inputs, row):
@@ -127,7 +130,7 @@ def test_each_sample_computes_w_plus_shared_plus_its_own_skill_delta(tiny, k):
     randomise_deltas(model)
     indices = [1, 0, 3, 2]
     inputs = vl_batch(processor, indices)  # left padded
-    out, routes = run(model, inputs)
+    out, routes = routed_run(model, inputs)
     chosen = torch.cat([r.experts for r in routes.values()], dim=1)  # (B, layers·k)
     assert len({tuple(row.tolist()) for row in chosen}) > 1  # samples take different routes
     for row, index in enumerate(indices):
@@ -169,20 +172,7 @@ def test_batched_deltas_equal_each_samples_dense_delta():
 def test_routes_and_logits_ignore_batch_mates_padding_length_and_side(tiny, kind):
     _, model, processor = converted(tiny, kind, spread=spread4)
     randomise_deltas(model)
-    out_alone, routes_alone = run(model, vl_batch(processor, [0]))
-    variants = {
-        "left, short mate": (vl_batch(processor, [0, 2], "left"), 0),
-        "left, long mates": (vl_batch(processor, [3, 1, 0], "left"), 2),
-        "right, long mates": (vl_batch(processor, [1, 0, 3], "right"), 1),
-    }
-    for name, (inputs, row) in variants.items():
-        out, routes = run(model, inputs)
-        for layer, route in routes.items():
-            assert torch.equal(route.experts[row], routes_alone[layer].experts[0]), name
-            torch.testing.assert_close(route.probs[row], routes_alone[layer].probs[0],
-                                       atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(real_logits(out, inputs, row), out_alone.logits[0],
-                                   atol=1e-4, rtol=1e-4)
+    assert_routes_and_logits_ignore_batch_mates(model, processor)
 
 
 def test_forced_skill_labels_route_to_those_deltas_and_explain_themselves(tiny):
@@ -193,7 +183,7 @@ def test_forced_skill_labels_route_to_those_deltas_and_explain_themselves(tiny):
     labels = [{"perception": "vru", "prediction": "crossing", "planning": "yield"},
               {"perception": "obstacle"},
               None]
-    out, routes = run(model, inputs, skill_labels=labels)
+    out, routes = routed_run(model, inputs, skill_labels=labels)
     expected = model.mose_config.taxonomy.encode_batch(labels)  # (B, L)
     for layer, level in model.level_of_layer.items():
         assert torch.equal(routes[layer].experts[:, 0], expected[:, level])
@@ -207,25 +197,7 @@ def test_forced_skill_labels_route_to_those_deltas_and_explain_themselves(tiny):
 def test_route_once_generation_equals_uncached_decoding_with_forced_routes(tiny):
     _, model, processor = converted(tiny)
     randomise_deltas(model)
-    inputs = vl_batch(processor, [1])
-    generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    with torch.no_grad():
-        model(**inputs)
-    forced = torch.stack([model.mose_state.routes[i].experts[:, 0]
-                          for i in sorted(model.mose_state.routes)], dim=1)  # (1, L)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    eos = torch.tensor(model.generation_config.eos_token_id).reshape(-1)  # min_new_tokens bans them
-    for _ in range(4):
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, skill_labels=forced,
-                           use_cache=False, **extra).logits
-        logits[..., eos] = float("-inf")
-        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
-        mask = torch.cat([mask, mask[:, -1:]], dim=1)
-        types = extra["mm_token_type_ids"]  # (B, T): 0 marks a text token
-        extra["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(types[:, :1])], dim=1)
-    assert torch.equal(generated, ids)
+    assert_route_once_equals_uncached_decoding(model, processor)
 
 
 # --- modality groups ------------------------------------------------------------------------

@@ -45,7 +45,10 @@ def routed(tiny, cfg, kind="qwen2_vl"):
     mose.MoSEConfig(top_k=2),  # index_add
     mose.MoSEConfig(modality_groups=True),  # by token
     mose.TokenMoEConfig(num_experts=4, top_k=2, shared_expert=True),
-], ids=["top1", "top2", "groups", "token-moe"])
+    mose.MoSEConfig(experts="lora", lora_rank=4),  # batched per-sample deltas
+    mose.MoSEConfig(experts="lora", lora_rank=4, modality_groups=True),  # per-token deltas: index_add
+    mose.TokenMoEConfig(num_experts=4, top_k=2, experts="lora", lora_rank=4),
+], ids=["top1", "top2", "groups", "token-moe", "lora", "lora-groups", "lora-token-moe"])
 def test_blocks_run_under_bf16_autocast_by_cuda_rules(tiny, cuda_scatter_rules, cfg):
     model, processor = routed(tiny, cfg)
     inputs = vl_batch(processor, [0, 1, 2, 3])

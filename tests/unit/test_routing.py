@@ -4,7 +4,14 @@ import pytest
 import torch
 
 import mose
-from conftest import distinct_experts, mose_blocks, sharpen_routers, vl_batch
+from conftest import (
+    assert_routes_and_logits_ignore_batch_mates,
+    distinct_experts,
+    mose_blocks,
+    routed_run,
+    sharpen_routers,
+    vl_batch,
+)
 
 
 def converted(tiny, kind="qwen2_vl", **cfg):
@@ -15,43 +22,17 @@ def converted(tiny, kind="qwen2_vl", **cfg):
     return model, processor
 
 
-def run(model, inputs, **kwargs):
-    with torch.no_grad():
-        out = model(**inputs, **kwargs)
-    routes = {i: r for i, r in model.mose_state.routes.items()}
-    return out, routes
-
-
-def real_logits(out, inputs, row):
-    mask = inputs["attention_mask"][row].bool()
-    return out.logits[row][mask]  # (real tokens, V)
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
 def test_route_and_logits_ignore_batch_mates_padding_length_and_side(tiny, kind):
-    model, processor = converted(tiny, kind)
-    alone = vl_batch(processor, [0])
-    out_alone, routes_alone = run(model, alone)
-    variants = {
-        "left, short mate": (vl_batch(processor, [0, 2], "left"), 0),
-        "left, long mates": (vl_batch(processor, [3, 1, 0], "left"), 2),
-        "right, long mates": (vl_batch(processor, [1, 0, 3], "right"), 1),
-    }
-    for name, (inputs, row) in variants.items():
-        assert inputs["attention_mask"][row].min() == 0 or name == "left, short mate"
-        out, routes = run(model, inputs)
-        for layer, route in routes.items():
-            assert torch.equal(route.experts[row], routes_alone[layer].experts[0]), name
-            torch.testing.assert_close(route.probs[row], routes_alone[layer].probs[0],
-                                       atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(real_logits(out, inputs, row), out_alone.logits[0],
-                                   atol=1e-4, rtol=1e-4)
+    assert_routes_and_logits_ignore_batch_mates(*converted(tiny, kind))
 
 
 def test_samples_really_take_different_routes(tiny):
     """Guards the invariance test: with sharpened routers, routes depend on the sample."""
     model, processor = converted(tiny)
-    _, routes = run(model, vl_batch(processor, [0, 1, 2, 3]))
+    _, routes = routed_run(model, vl_batch(processor, [0, 1, 2, 3]))
     chosen = torch.cat([r.experts for r in routes.values()], dim=1)  # (B, layers)
     assert len({tuple(row.tolist()) for row in chosen}) > 1
 
@@ -59,7 +40,7 @@ def test_samples_really_take_different_routes(tiny):
 def test_modality_groups_send_image_and_text_tokens_to_different_experts(tiny):
     model, processor = converted(tiny, modality_groups=True)
     inputs = vl_batch(processor, [0, 1])
-    _, routes = run(model, inputs)
+    _, routes = routed_run(model, inputs)
     image_ids = torch.tensor([model.config.image_token_id])
     real = inputs["attention_mask"].bool()
     images = torch.isin(inputs["input_ids"], image_ids) & real  # (B, T)
@@ -80,11 +61,11 @@ def test_modality_groups_change_the_output_once_image_and_text_experts_differ(ti
     model, processor = converted(tiny, modality_groups=True)
     inputs = vl_batch(processor, [0])
     forced = torch.tensor([[1, 2, 0]])  # the route stays put while the image experts change
-    before, _ = run(model, inputs, skill_labels=forced)
+    before, _ = routed_run(model, inputs, skill_labels=forced)
     for block in mose_blocks(model):
         with torch.no_grad():
             block.experts.down_proj[0::2].mul_(3.0)  # only the image experts
-    after, _ = run(model, inputs, skill_labels=forced)
+    after, _ = routed_run(model, inputs, skill_labels=forced)
     image = torch.isin(inputs["input_ids"][0], torch.tensor([model.config.image_token_id]))
     changed = (after.logits[0] - before.logits[0]).abs().amax(dim=-1) > 1e-4  # (T,)
     # Image positions change directly; text before the image is untouched by causality.
@@ -98,7 +79,7 @@ def test_forced_skill_labels_route_to_exactly_those_experts(tiny):
     labels = [{"perception": "vru", "prediction": "crossing", "planning": "yield"},
               {"perception": "obstacle"},
               None]
-    out, routes = run(model, inputs, skill_labels=labels)
+    out, routes = routed_run(model, inputs, skill_labels=labels)
     taxonomy = model.mose_config.taxonomy
     expected = taxonomy.encode_batch(labels)  # (B, L)
     for layer, level in model.level_of_layer.items():
@@ -136,7 +117,7 @@ def test_skill_labels_are_refused_by_the_token_moe_baseline(tiny):
 
 def test_skill_chain_reports_router_choice_and_probability_per_level_and_layer(tiny):
     model, processor = converted(tiny)
-    _, routes = run(model, vl_batch(processor, [0, 1]))
+    _, routes = routed_run(model, vl_batch(processor, [0, 1]))
     chains = model.skill_chains()
     taxonomy = model.mose_config.taxonomy
     assert [c.level for c in chains[1].choices] == list(taxonomy.level_names)

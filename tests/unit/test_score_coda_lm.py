@@ -1,7 +1,6 @@
 """The CODA-LM judge against a real chat server on loopback: good, malformed, failing and slow
 replies, the on-disk cache, and scores worked out by hand."""
 
-import json
 import re
 import time
 
@@ -9,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from fake_llm import FakeLLM, Reply
-from mose.data import Sample, write_jsonl
+from formats import coda_lm_scoring_case
 from mose.endpoint import EndpointError
 from mose.eval.score import ScoreError, score, table
 from mose.eval.score.coda_lm import UnparsableRating, judge_messages, parse_rating, region_class
@@ -47,13 +46,7 @@ ROWS = [
 
 
 def write_case(tmp_path, rows=ROWS):
-    refs = [Sample(id=f"c{i}", images=[], question="Describe.", answer=f"reference {i}", task=task,
-                   meta={"category": category} if category else {})
-            for i, (task, category, _) in enumerate(rows)]
-    write_jsonl(tmp_path / "refs.jsonl", refs)
-    (tmp_path / "pred.jsonl").write_text(
-        "".join(json.dumps({"id": f"c{i}", "answer": p}) + "\n" for i, (*_, p) in enumerate(rows)))
-    return tmp_path / "pred.jsonl", tmp_path / "refs.jsonl"
+    return coda_lm_scoring_case(tmp_path, rows)
 
 
 def options(server, **kw):

@@ -142,24 +142,27 @@ class LoRAExperts(nn.Module):
             if target not in self.dims:
                 return None
             zs = z.index_select(0, source)  # (N·k, in)
-            a, b = self.A(target).unbind(0), self.B(target).unbind(0)  # E × (r, in), E × (out, r)
-            chunks, start = [], 0
-            for e, count in enumerate(counts):
-                if count:
-                    chunks.append(F.linear(zs[start:start + count], a[e]))  # (count, r)
-                    start += count
-            low = torch.cat(chunks)  # (N·k, r)
+            low = _per_expert_linear(zs, counts, self.A(target).unbind(0))  # (N·k, r)
             low = low * mix[:, None].to(low.dtype)
-            chunks, start = [], 0
-            for e, count in enumerate(counts):
-                if count:
-                    chunks.append(F.linear(low[start:start + count], b[e]))  # (count, out)
-                    start += count
-            ys = torch.cat(chunks)  # (N·k, out)
+            ys = _per_expert_linear(low, counts, self.B(target).unbind(0))  # (N·k, out)
             out = z.new_zeros((num_tokens, ys.shape[-1]), dtype=ys.dtype)  # CUDA: equal dtypes
             return out.index_add(0, source, ys)  # (N, out)
 
         return delta
+
+
+def _per_expert_linear(rows: torch.Tensor, counts: list[int],
+                       weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Rows sorted by expert, `counts[e]` of them for expert e, each times `weights[e]`
+    (out, in): (N, in) → (N, out). The weights come unbound (as in `Experts._per_expert`):
+    one backward stacks the used experts' gradients, where indexing would build one
+    full-size zero gradient per expert."""
+    chunks, start = [], 0
+    for e, count in enumerate(counts):
+        if count:
+            chunks.append(F.linear(rows[start:start + count], weights[e]))  # (count, out)
+            start += count
+    return torch.cat(chunks)
 
 
 def combine(*deltas: DeltaFn | None) -> DeltaFn:

@@ -27,6 +27,7 @@ from mose.convert import convert
 from mose.data import Sample
 from mose.data.collate import Collator, EncodedDataset, SampleEncoder
 from mose.data.schema import atomic_path
+from mose.models.device import DTYPES
 from mose.models.loading import is_converted, load_model, model_type_of
 from mose.skills.taxonomy import Taxonomy
 from mose.train.checkpoint import RECIPE_FILE, is_complete, save_model
@@ -38,7 +39,6 @@ from mose.train.stages import backbone_plan, sft_plan
 
 console = Console(stderr=True)
 RESULTS_FILE = "train_results.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
