@@ -28,7 +28,7 @@ lint: $(STAMP)
 # the same process; BENCH_ARGS passes e.g. "--device cuda" or "--quick".
 BENCH_ARGS ?=
 bench: $(STAMP)
-	cd bench && for b in layers model scaling chain serve train; do ../$(BIN)/python $$b.py $(BENCH_ARGS) || exit 1; done
+	cd bench && for b in layers model scaling chain serve train lora; do ../$(BIN)/python $$b.py $(BENCH_ARGS) || exit 1; done
 
 # The main job on a tiny Qwen2-VL, on the CPU (about 10 minutes on 2 idle cores): see README "The demo".
 # DEMO_ARGS passes e.g. "--quick" or "--out runs/other"; a rerun reuses finished stages.

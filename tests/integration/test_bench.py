@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["layers", "model", "scaling", "chain", "serve", "train"])
+@pytest.mark.parametrize("script", ["layers", "model", "scaling", "chain", "serve", "train", "lora"])
 def test_benchmark_runs_and_prints_its_table(script):
     trimmed = ["--quick"] if os.environ.get("MOSE_TRIM") == "1" else []
     result = subprocess.run([sys.executable, f"{script}.py", *trimmed], cwd=BENCH,
