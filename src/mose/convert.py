@@ -26,4 +26,5 @@ def convert(model: nn.Module, cfg: AnyConfig) -> nn.Module:
     model.config.__class__ = config_class  # same object, so submodules keep their references
     model.config.mose = cfg.to_dict()
     model.__class__ = model_class
+    model.parse_mose_config()
     return model

@@ -40,16 +40,23 @@ class MoSEModelMixin:
 
     def __init__(self, config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        inject(self, self.mose_arch, config_from_dict(config.mose))
+        inject(self, self.mose_arch, self.parse_mose_config())
 
     @property
     def mose_config(self) -> MoSEConfig | TokenMoEConfig:
         """The conversion config, parsed once from `config.mose` (which is what is saved)."""
         cached = self.__dict__.get("_mose_config_cache")
         if cached is None or cached[0] is not self.config.mose:
-            cached = (self.config.mose, config_from_dict(self.config.mose))
-            self.__dict__["_mose_config_cache"] = cached
+            return self.parse_mose_config()
         return cached[1]
+
+    def parse_mose_config(self) -> MoSEConfig | TokenMoEConfig:
+        """Parse `config.mose` now and cache it. Done wherever it is set (construction, `convert`,
+        `set_decode_routing`), so that a compiled forward finds it cached: torch.compile cannot
+        trace the dataclasses' parsing (a graph break per forward)."""
+        cfg = config_from_dict(self.config.mose)
+        self.__dict__["_mose_config_cache"] = (self.config.mose, cfg)
+        return cfg
 
     def set_decode_routing(self, mode: str) -> None:
         """"once" (keep the prompt's route while generating) or "running"; saved with the model."""
@@ -57,6 +64,7 @@ class MoSEModelMixin:
         if not isinstance(cfg, MoSEConfig):
             raise TypeError("decode routing applies to MoSE models, not to the token-MoE baseline")
         self.config.mose = MoSEConfig.from_dict({**cfg.to_dict(), "decode_routing": mode}).to_dict()
+        self.parse_mose_config()
 
     @property
     def level_of_layer(self) -> dict[int, int]:

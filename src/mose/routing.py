@@ -19,27 +19,33 @@ import torch
 
 from mose.skills.taxonomy import Taxonomy
 
-# Per rank j of top-k: (expert, sample indices, or None when it is the whole batch).
-SampleGroups = list[list[tuple[int, torch.Tensor | None]]]
 
+@dataclass(frozen=True)
+class Dispatch:
+    """Rows (samples or tokens) grouped by expert on the device, with no host sync.
 
-def sample_groups(experts: torch.Tensor) -> SampleGroups:
-    """Group a batch's samples by chosen expert, per rank. experts: (B, k).
-
-    One device→host copy for the whole routing decision.
+    Each of the N rows has k slots (its top-k experts). Slots are sorted by expert
+    (stably), so expert e's slots are the contiguous range [ends[e-1], ends[e]) of
+    the sorted order; an unused expert has an empty range. Every shape here is fixed
+    by (N, k, E) alone, not by the routes: a compiled graph serves every routing decision.
     """
-    batch, k = experts.shape
-    chosen = experts.tolist()
-    groups = []
-    for j in range(k):
-        members: dict[int, list[int]] = {}
-        for b in range(batch):
-            members.setdefault(chosen[b][j], []).append(b)
-        groups.append([
-            (e, None if len(rows) == batch else torch.tensor(rows, device=experts.device))
-            for e, rows in members.items()
-        ])
-    return groups
+
+    order: torch.Tensor  # (N·k,) long: the slots in expert order
+    source: torch.Tensor  # (N·k,) long: the row of each sorted slot (order // k)
+    inverse: torch.Tensor  # (N·k,) long: where each slot sits in the sorted order
+    ends: torch.Tensor  # (E,) int32: cumulative end of each expert's group of sorted slots
+
+
+def dispatch(experts: torch.Tensor, num_experts: int) -> Dispatch:
+    """Group rows by expert. experts: (N, k) long, in [0, num_experts)."""
+    rows, k = experts.shape
+    slots = experts.reshape(-1)  # (N·k,)
+    order = slots.argsort(stable=True)  # (N·k,)
+    ids = torch.arange(num_experts, device=slots.device, dtype=slots.dtype)  # (E,)
+    ends = torch.searchsorted(slots[order], ids, right=True, out_int32=True)  # (E,)
+    positions = torch.arange(order.numel(), device=order.device)  # (N·k,)
+    inverse = torch.empty_like(order).scatter_(0, order, positions)  # (N·k,)
+    return Dispatch(order, order // k, inverse, ends)
 
 
 @dataclass
@@ -49,12 +55,13 @@ class Route:
     experts: torch.Tensor  # (B, k) long: chosen skill indices
     weights: torch.Tensor  # (B, k): mixing weights of the chosen experts
     probs: torch.Tensor  # (B, S) float32: router probabilities over the level's skills
-    groups: SampleGroups | None = None  # made once, reused at every decode step
+    plan: Dispatch | None = None  # samples grouped by expert: made once, reused at every decode step
 
-    def sample_groups(self) -> SampleGroups:
-        if self.groups is None:
-            self.groups = sample_groups(self.experts)
-        return self.groups
+    def dispatch(self, num_experts: int) -> Dispatch:
+        """This route's samples grouped by expert (`dispatch`), made on first use."""
+        if self.plan is None:
+            self.plan = dispatch(self.experts, num_experts)
+        return self.plan
 
 
 @dataclass
@@ -119,13 +126,11 @@ class RoutingState:
         self.decoding = decoding
         self.reuse_routes = decoding and decode_routing == "once" and not self.prefilling
         self.cached_tokens = past_length + seq_len
+        # New dicts, not cleared ones: a compiled forward would guard on what the previous
+        # forward left in them (empty or not), and compile twice.
         if not decoding:
-            self.routes.clear()
-            self.running.clear()
-        self.router_logits.clear()
-        self.router_inputs.clear()
-        self.aux_losses.clear()
-        self.assignments.clear()
+            self.routes, self.running = {}, {}
+        self.router_logits, self.router_inputs, self.aux_losses, self.assignments = {}, {}, {}, {}
 
     @property
     def tokens_per_expert(self) -> dict[int, torch.Tensor]:
@@ -143,6 +148,12 @@ class RoutingState:
     def routed_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T) float mask of the tokens a router averages over (the real ones unless told)."""
         return self._mask(self.token_mask if self.route_mask is None else self.route_mask, hidden)
+
+    def routed_tokens_or_all(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """As `routed_tokens`, but None when a router averages over every token."""
+        if self.token_mask is None and self.route_mask is None:
+            return None
+        return self.routed_tokens(hidden)
 
     @staticmethod
     def _mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
@@ -187,7 +198,9 @@ def skill_label_tensor(
             f"skill_labels has shape {tuple(labels.shape)}; expected ({batch_size}, {len(levels)}) "
             f"for a batch of {batch_size} and levels {taxonomy.level_names}"
         )
-    for i, level in enumerate(levels):
+    # The range check reads the labels on the host: eager calls only (it would break a compiled
+    # graph; an out-of-range label still fails there, in the routing loss's cross-entropy).
+    for i, level in enumerate(levels if not torch.compiler.is_compiling() else ()):
         column = labels[:, i]
         if (column < 0).any() or (column >= len(level.skills)).any():
             raise ValueError(

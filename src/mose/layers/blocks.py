@@ -71,6 +71,22 @@ def _shared_delta(block: ExpertBlock) -> DeltaFn | None:
     return None if block.shared_expert is None else block.shared_expert.always()
 
 
+def pooled_sum(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Σ_t mask[b, t] · hidden[b, t], accumulated in float32 without a float32 copy of hidden.
+
+    hidden: (B, T, H); mask: (B, T) float 0/1, or None for every token → (B, H) float32.
+    fp32 hidden states: one batched matmul with the mask (autocast off, so it stays fp32);
+    lower precisions: the masked product in their own dtype (exact, the mask is 0/1),
+    summed with float32 accumulation.
+    """
+    if mask is None:
+        return hidden.sum(dim=1, dtype=torch.float32)
+    if hidden.dtype == torch.float32:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.bmm(mask[:, None, :], hidden).squeeze(1)  # (B, 1, T) @ (B, T, H)
+    return (hidden * mask[..., None].to(hidden.dtype)).sum(dim=1, dtype=torch.float32)
+
+
 def expert_blocks(model: nn.Module) -> list[ExpertBlock]:
     """The MoSE or token-MoE blocks of a converted model, in layer order (none in a dense one)."""
     return [m for m in model.modules() if isinstance(m, ExpertBlock)]
@@ -91,9 +107,10 @@ class MoSEBlock(ExpertBlock):
     def observe(self, hidden: torch.Tensor) -> None:
         """Choose this layer's route from the hidden states entering it, (B, T, H)."""
         state = self.state
-        mask = state.routed_tokens(hidden)  # (B, T)
-        total = (hidden.float() * mask[..., None]).sum(dim=1)  # (B, H)
-        count = mask.sum(dim=1, keepdim=True)  # (B, 1)
+        mask = state.routed_tokens_or_all(hidden)  # (B, T), or None for every token
+        total = pooled_sum(hidden, mask)  # (B, H) float32
+        count = (hidden.new_full((hidden.shape[0], 1), hidden.shape[1], dtype=torch.float32)
+                 if mask is None else mask.sum(dim=1, keepdim=True))  # (B, 1)
         if state.decoding and self.layer_idx in state.running:
             # The mean over every token cached so far: what "running" routing reads at each
             # step, and "once" routing when a new prompt continues a filled cache.
@@ -119,7 +136,8 @@ class MoSEBlock(ExpertBlock):
         if self.modality_groups:
             routed = self._by_modality(x, route)
         else:
-            routed = self.experts.by_sample(x, route.experts, route.weights, route.sample_groups())
+            plan = route.dispatch(self.experts.num_experts)
+            routed = self.experts.by_sample(x, route.experts, route.weights, plan)
             self._record(route.experts[:, None, :].expand(-1, x.shape[1], -1))  # (B, T, k)
         return self.with_shared(routed, x)
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mose.config import LORA_TARGETS
+from mose.layers.experts import grouped_linear
+from mose.routing import dispatch
 
 # (target, input of that projection (..., in)) → the delta's output (..., out), or None
 # where the target has no delta.
@@ -128,41 +130,25 @@ class LoRAExperts(nn.Module):
 
     def by_token(self, experts: torch.Tensor, weights: torch.Tensor) -> DeltaFn:
         """Each token's own top-k deltas. experts, weights: (N, k); the returned delta maps
-        (N, in) → (N, out). Token slots are sorted by expert once, and each expert runs
-        on its contiguous slice (as `Experts.by_token`), for every target.
+        (N, in) → (N, out). Token slots are sorted by expert once, on the device, and each
+        target's A and B run as grouped matmuls over the sorted slots (as `Experts.by_token`):
+        no host sync, static shapes.
         """
         num_tokens, k = experts.shape
-        slots = experts.reshape(-1)  # (N·k,)
-        order = slots.argsort(stable=True)  # (N·k,)
-        counts = torch.bincount(slots, minlength=self.num_experts).tolist()
-        source = order // k  # (N·k,) token of each sorted slot
-        mix = weights.reshape(-1)[order] * self.scale  # (N·k,) in sorted order
+        plan = dispatch(experts, self.num_experts)
+        mix = weights.reshape(-1).index_select(0, plan.order) * self.scale  # (N·k,) in sorted order
 
         def delta(target: str, z: torch.Tensor) -> torch.Tensor | None:
             if target not in self.dims:
                 return None
-            zs = z.index_select(0, source)  # (N·k, in)
-            low = _per_expert_linear(zs, counts, self.A(target).unbind(0))  # (N·k, r)
+            zs = z.index_select(0, plan.source)  # (N·k, in), by expert
+            low = grouped_linear(zs, self.A(target), plan.ends)  # (N·k, r)
             low = low * mix[:, None].to(low.dtype)
-            ys = _per_expert_linear(low, counts, self.B(target).unbind(0))  # (N·k, out)
-            out = z.new_zeros((num_tokens, ys.shape[-1]), dtype=ys.dtype)  # CUDA: equal dtypes
-            return out.index_add(0, source, ys)  # (N, out)
+            ys = grouped_linear(low, self.B(target), plan.ends)  # (N·k, out)
+            out = ys.index_select(0, plan.inverse)  # (N·k, out) in slot order
+            return out if k == 1 else out.view(num_tokens, k, -1).sum(1)  # (N, out)
 
         return delta
-
-
-def _per_expert_linear(rows: torch.Tensor, counts: list[int],
-                       weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Rows sorted by expert, `counts[e]` of them for expert e, each times `weights[e]`
-    (out, in): (N, in) → (N, out). The weights come unbound (as in `Experts._per_expert`):
-    one backward stacks the used experts' gradients, where indexing would build one
-    full-size zero gradient per expert."""
-    chunks, start = [], 0
-    for e, count in enumerate(counts):
-        if count:
-            chunks.append(F.linear(rows[start:start + count], weights[e]))  # (count, out)
-            start += count
-    return torch.cat(chunks)
 
 
 def combine(*deltas: DeltaFn | None) -> DeltaFn:
