@@ -4,6 +4,10 @@ Widths keep Qwen2-VL-2B's FFN/hidden ratio (8960 / 1536 ≈ 5.8), scaled to fit
 the CPU; `--full` uses the real 2B widths (for a GPU). The ideal is the FLOP
 ratio: (1 + k) × dense for MoSE with a shared expert, k × dense for a token
 MoE without one.
+
+`--compile` adds forward rows for the dense FFN, the MoSE block and the token MoE run
+under `torch.compile` (inductor; a C++ compiler is needed on the CPU), each against
+the eager dense FFN: the dispatch has no host sync, so a block is one graph.
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ def prepare(module, x: torch.Tensor, num_skills: int = 5) -> None:
                 skill_labels=torch.arange(batch, device=x.device).remainder(num_skills)[:, None])
 
 
-def step(module, x: torch.Tensor, backward: bool):
+COMPILED = ("dense FFN", "MoSE shared+top1", "token MoE 4x1 +shared")  # --compile's rows
+
+
+def step(module, x: torch.Tensor, backward: bool, compiled: bool = False):
     def run():
         if hasattr(module, "observe"):
             module.observe(x)
@@ -64,12 +71,13 @@ def step(module, x: torch.Tensor, backward: bool):
             out.float().sum().backward()
         return out
 
-    return run
+    return torch.compile(run, fullgraph=True) if compiled else run
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--full", action="store_true", help="Qwen2-VL-2B widths: hidden 1536, FFN 8960")
+    p.add_argument("--compile", action="store_true", help="also torch.compile'd forward rows")
     args = p.parse_args()
     device, dtype = setup(args)
     hidden, inter = (1536, 8960) if args.full else (256, 1536)
@@ -85,14 +93,19 @@ def main() -> None:
                 module.requires_grad_(backward)
                 prepare(module, x)
             runs = {name: step(m, x, backward) for name, (m, _) in variants.items()}
+            shown = dict(variants)
+            if args.compile and not backward:
+                for name in COMPILED:
+                    shown[f"{name} (compiled)"] = variants[name]
+                    runs[f"{name} (compiled)"] = step(variants[name][0], x, False, compiled=True)
             with torch.set_grad_enabled(backward):
                 times = medians(runs, device, args.repeats, args.warmup)
                 mem = {name: peak_memory(runs[name], device, list(m.parameters()))
-                       for name, (m, _) in variants.items()}
+                       for name, (m, _) in variants.items()}  # compiled forwards save nothing either
             base = times["dense FFN"]
             rows = [[name, f"{times[name] * 1e3:.2f}", times[name] / base, ideal,
-                     (times[name] / base) / ideal, f"{param_mib(m):.1f}", f"{mem[name]:.1f}"]
-                    for name, (m, ideal) in variants.items()]
+                     (times[name] / base) / ideal, f"{param_mib(m):.1f}", f"{mem.get(name, 0.0):.1f}"]
+                    for name, (m, ideal) in shown.items()]
             mode = "forward+backward" if backward else "forward"
             table(f"{mode}, batch {batch} × seq {seq}",
                   ["variant", "ms", "× dense", "ideal ×", "÷ ideal", "params MiB",
