@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Everything a lent GPU must measure, in one command (about 8 minutes on one H100 / H200):
+# Everything a lent GPU must measure, in one command (about 10 minutes on one H100 / H200):
 #   1. the benchmark tables of `make bench` at Qwen2-VL-2B's widths in bf16
 #      (`--full` where a script has it: layers, model, serve, train; lora is at those widths already,
-#      here at full depth; scaling and chain have no --full);
+#      here at full depth; layers adds its torch.compile'd rows; scaling and chain have no --full);
 #   2. the real-shape checks (bench/real_shape.py) at full depth: convert, generate, save/load,
 #      a router step, an SFT step, the activation estimate against autograd's saved bytes;
 #   3. a 30-step router stage and a 30-step SFT stage on the 2B shape (random weights, the
@@ -54,13 +54,14 @@ echo "# bench/gpu.sh — device $DEVICE$([ "$QUICK" = 1 ] && echo ', quick'); lo
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 
 # script → its time limit (s) on a GPU, and whether it has --full (the 2B widths)
-declare -A LIMIT=([layers]=45 [model]=60 [scaling]=30 [chain]=30 [serve]=60 [train]=75 [lora]=60)
+declare -A LIMIT=([layers]=120 [model]=60 [scaling]=30 [chain]=30 [serve]=60 [train]=75 [lora]=60)
 declare -A HAS_FULL=([layers]=1 [model]=1 [serve]=1 [train]=1)
 for bench in ${BENCHES:-layers model scaling chain serve train lora}; do
   [ -n "${LIMIT[$bench]:-}" ] || { echo "gpu.sh: unknown benchmark $bench in BENCHES" >&2; exit 2; }
   flags=("${WIDTH[@]}")
   [ -n "${HAS_FULL[$bench]:-}" ] && flags+=("${FULL[@]}")
   [ "$bench" = lora ] && [ "$QUICK" = 0 ] && flags+=(--layers 28 --batch 8)
+  [ "$bench" = layers ] && [ "$QUICK" = 0 ] && flags+=(--compile)  # + compiled rows (inductor)
   part "$bench" "$(( LIMIT[$bench] * LIMIT_SCALE ))" "$PY" "$bench.py" --device "$DEVICE" "${flags[@]}"
 done
 # The real-shape checks, then the training stages with the estimator's prediction beside them.

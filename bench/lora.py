@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import tempfile
 
-import torch
 from common import device_line, medians, parser, peak_memory, setup, table
 from peft import LoraConfig, get_peft_model
 from train import shape, step_fn
@@ -91,7 +90,7 @@ def main() -> None:
           f"~{tokens:.0f} tokens; {device_line(device, dtype)}")
     base = "dense LoRA SFT"
     table("ratios against their targets", ["figure", "ratio", "target"], [
-        ["LoRA-MoSE SFT step ÷ dense LoRA SFT step", times["LoRA-MoSE SFT"] / times[base], f"≤ {TARGET}"],
+        ["LoRA-MoSE SFT step ÷ dense LoRA SFT step", times["LoRA-MoSE SFT"] / times[base], f"≤ {TARGET}×"],
         ["MoSE SFT (full experts) step ÷ LoRA-MoSE SFT step",
          times["MoSE SFT (full experts)"] / times["LoRA-MoSE SFT"], "(what LoRA saves)"],
         ["dense SFT (same FFNs) step ÷ dense LoRA SFT step",
