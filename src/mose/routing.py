@@ -198,16 +198,19 @@ def skill_label_tensor(
             f"skill_labels has shape {tuple(labels.shape)}; expected ({batch_size}, {len(levels)}) "
             f"for a batch of {batch_size} and levels {taxonomy.level_names}"
         )
-    # The range check reads the labels on the host: eager calls only (it would break a compiled
-    # graph; an out-of-range label still fails there, in the routing loss's cross-entropy).
-    for i, level in enumerate(levels if not torch.compiler.is_compiling() else ()):
+    if not torch.compiler.is_compiling():  # reads the labels on the host: it would break a graph
+        _check_label_range(labels, levels)  # (compiled, a bad label fails in the routing loss)
+    return labels.to(device) if device is not None else labels
+
+
+def _check_label_range(labels: torch.Tensor, levels) -> None:
+    for i, level in enumerate(levels):
         column = labels[:, i]
         if (column < 0).any() or (column >= len(level.skills)).any():
             raise ValueError(
                 f"skill_labels for level {level.name!r} hold index {column.tolist()}; "
                 f"valid: 0..{len(level.skills) - 1} ({', '.join(level.skills)})"
             )
-    return labels.to(device) if device is not None else labels
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ def _try_native(tensors: tuple[torch.Tensor, ...], ends: torch.Tensor) -> torch.
         return None
     try:
         return torch._grouped_mm(*tensors, offs=ends)
+    except torch.OutOfMemoryError:  # a real failure, which the loop would only repeat
+        raise
     except RuntimeError:  # an unsupported GPU or build: remember, and loop from now on
         _NO_NATIVE.add((tensors[0].device.type, tensors[0].dtype))
         return None
