@@ -40,26 +40,66 @@ def routed(tiny, cfg, kind="qwen2_vl"):
     return model, processor
 
 
-@pytest.mark.parametrize("cfg", [
-    mose.MoSEConfig(),  # top-1 by sample: index_copy
-    mose.MoSEConfig(top_k=2),  # index_add
+# Every dispatch kind. The experts now gather (index_select) rather than scatter, so the CUDA
+# rule guards against a scatter coming back; the autocast casts are what each kind must get right.
+BLOCK_KINDS = [
+    mose.MoSEConfig(),  # top-1 by sample
+    mose.MoSEConfig(top_k=2),  # top-2 by sample: weighted sum of two slots
     mose.MoSEConfig(modality_groups=True),  # by token
     mose.TokenMoEConfig(num_experts=4, top_k=2, shared_expert=True),
     mose.MoSEConfig(experts="lora", lora_rank=4),  # batched per-sample deltas
-    mose.MoSEConfig(experts="lora", lora_rank=4, modality_groups=True),  # per-token deltas: index_add
+    mose.MoSEConfig(experts="lora", lora_rank=4, modality_groups=True),  # per-token grouped deltas
     mose.TokenMoEConfig(num_experts=4, top_k=2, experts="lora", lora_rank=4),
-], ids=["top1", "top2", "groups", "token-moe", "lora", "lora-groups", "lora-token-moe"])
+]
+BLOCK_IDS = ["top1", "top2", "groups", "token-moe", "lora", "lora-groups", "lora-token-moe"]
+
+
+def skill_labels_for(cfg, batch: int = 4) -> torch.Tensor | None:
+    """Every sample its own skill, so each sample's experts differ (MoSE only)."""
+    if not isinstance(cfg, mose.MoSEConfig):
+        return None
+    return torch.tensor([[b % 5, b % 3, b % 4] for b in range(batch)])
+
+
+@pytest.mark.parametrize("cfg", BLOCK_KINDS, ids=BLOCK_IDS)
 def test_blocks_run_under_bf16_autocast_by_cuda_rules(tiny, cuda_scatter_rules, cfg):
     model, processor = routed(tiny, cfg)
     inputs = vl_batch(processor, [0, 1, 2, 3])
-    labels = None
-    if isinstance(cfg, mose.MoSEConfig):  # every sample its own skill: the scatter must run
-        labels = torch.tensor([[b % 5, b % 3, b % 4] for b in range(4)])
+    labels = skill_labels_for(cfg)
     with torch.no_grad():
         full = model(**inputs, skill_labels=labels).logits
         with torch.autocast("cpu", dtype=BF16):
             mixed = model(**inputs, skill_labels=labels).logits
     assert (mixed.float() - full).abs().max() < 0.05 * full.abs().max()
+
+
+@pytest.mark.parametrize("grouped", ["native", "loop"])
+@pytest.mark.parametrize("cfg", BLOCK_KINDS, ids=BLOCK_IDS)
+def test_a_bf16_autocast_backward_gives_float32_gradients_close_to_float32_training(
+        tiny, cuda_scatter_rules, monkeypatch, cfg, grouped):
+    """A training step under bf16 autocast, through torch._grouped_mm or the loop that replaces
+    it where the GPU lacks it (CUDA's grouped GEMM is sm90+ only): the trained weights' gradients
+    arrive in their own dtype (float32) and agree with a float32 step within bf16's precision."""
+    if grouped == "loop":
+        monkeypatch.setattr("mose.layers.experts._NATIVE_DTYPES", {})
+    model, processor = routed(tiny, cfg)
+    inputs, labels = vl_batch(processor, [0, 1, 2, 3]), skill_labels_for(cfg)
+    trained = {n: p for n, p in model.named_parameters() if ".experts." in n and p.requires_grad}
+    assert trained
+    grads = []
+    for autocast in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+            loss = model(**inputs, skill_labels=labels).logits.float().square().mean()
+        loss.backward()
+        grads.append({n: p.grad for n, p in trained.items()})
+    for name, full in grads[0].items():
+        mixed = grads[1][name]
+        assert mixed is not None and mixed.dtype == torch.float32, name
+        assert torch.isfinite(mixed).all(), name
+        scale = full.abs().max()
+        if scale > 0:  # an expert no sample reached has no gradient to compare
+            assert (mixed - full).abs().max() < 0.1 * scale, name
 
 
 def test_routers_stay_float32_when_the_model_is_cast_and_when_it_loads_in_bf16(tiny, tmp_path):
