@@ -472,15 +472,25 @@ def export_command(
                                      "plain dense checkpoint instead of adapters"),
     base: bool = typer.Option(True, "--base/--no-base", help="also write the dense base the adapters "
                               "apply to (OUT/base)"),
+    base_name: str | None = typer.Option(None, help="what the adapters' configs name as their base "
+                                         "(base_model_name_or_path: a Hub id or the path an engine "
+                                         "loads it from); default: OUT/base's absolute path"),
+    dtype: str | None = typer.Option(None, help="write the adapters and the base (or the merged "
+                                     "checkpoint) in float32, bfloat16 or float16; default: the "
+                                     "model's own. The routers stay float32"),
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
 ) -> None:
     """Per-chain PEFT LoRA adapters of a MoSE model for multi-LoRA serving, or one chain merged."""
     from mose.export import check_exportable, export_adapters, export_merged, parse_chain
+    from mose.models.device import DTYPES
     from mose.models.loading import is_converted, load_model, model_type_of
 
     try:
         if merge is not None and chain:
             raise ValueError("--merge writes one chain: give it alone, without --chain")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        cast = DTYPES[dtype] if dtype else None
         if not is_converted(model_type_of(str(model))):
             raise ValueError(f"{model}: not a converted mose model directory (its config.json's "
                              "model_type does not start with mose_)")
@@ -488,13 +498,13 @@ def export_command(
         taxonomy = check_exportable(loaded, merge=merge is not None).taxonomy
         if merge is not None:
             path = export_merged(loaded, out, parse_chain(merge, taxonomy), processor=processor,
-                                 overwrite=overwrite)
+                                 dtype=cast, overwrite=overwrite)
             console.print(f"wrote {path}: a dense {loaded.mose_arch.model_class.__name__} with the "
                           "chain's deltas merged in")
             return
         chains = [parse_chain(c, taxonomy) for c in chain] or None  # None: every chain
         manifest = export_adapters(loaded, out, chains, processor=processor, with_base=base,
-                                   overwrite=overwrite, progress=True)
+                                   base_name=base_name, dtype=cast, overwrite=overwrite, progress=True)
     except (ValueError, FileNotFoundError, OSError) as error:
         fail(error)
     lora = manifest["lora"]

@@ -178,8 +178,9 @@ def _skill_index(cfg: MoSEConfig, chain: Chain, level: str) -> int:
     return cfg.taxonomy.levels[i].index(chain[i])
 
 
-def adapter_tensors(model: Any, chain: Chain) -> dict[str, torch.Tensor]:
-    """The chain's adapter in PEFT's saved key layout (`base_model.model.{module}.lora_A.weight`)."""
+def adapter_tensors(model: Any, chain: Chain, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The chain's adapter in PEFT's saved key layout (`base_model.model.{module}.lora_A.weight`),
+    in `dtype` (default: the model's own)."""
     cfg = _mose_config(model)
     tensors = {}
     for info, block in mose_layers(model):
@@ -191,9 +192,9 @@ def adapter_tensors(model: Any, chain: Chain) -> dict[str, torch.Tensor]:
                 a.insert(0, block.shared_expert.A(target)[0])
                 b.insert(0, block.shared_expert.B(target)[0])
             key = f"base_model.model.{info.module(target)}"
-            tensors[f"{key}.lora_A.weight"] = torch.cat(a, dim=0).detach().contiguous()  # (R, in)
-            tensors[f"{key}.lora_B.weight"] = torch.cat(b, dim=1).detach().contiguous()  # (out, R)
-    return tensors
+            tensors[f"{key}.lora_A.weight"] = torch.cat(a, dim=0).detach()  # (R, in)
+            tensors[f"{key}.lora_B.weight"] = torch.cat(b, dim=1).detach()  # (out, R)
+    return {key: t.to(dtype or t.dtype).contiguous() for key, t in tensors.items()}
 
 
 def lora_config(model: Any, base_name: str | None = None):
@@ -298,8 +299,11 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_dense(model: Any, chain: Chain | None, folder: Path, processor: Any) -> None:
-    dense_model(model, chain).save_pretrained(folder)
+def _save_dense(model: Any, chain: Chain | None, folder: Path, processor: Any,
+                dtype: torch.dtype | None = None) -> None:
+    dense = dense_model(model, chain)
+    # `.to` rebinds the dense model's own parameters: the converted model's tensors stay as they are.
+    (dense.to(dtype) if dtype is not None else dense).save_pretrained(folder)
     if processor is not None:
         from mose.models.processor import save_processor
 
@@ -307,28 +311,39 @@ def _save_dense(model: Any, chain: Chain | None, folder: Path, processor: Any) -
 
 
 def export_adapters(model: Any, out: str | Path, chains: Sequence[Chain] | None = None, *,
-                    processor: Any = None, with_base: bool = True, overwrite: bool = False,
+                    processor: Any = None, with_base: bool = True, base_name: str | None = None,
+                    dtype: torch.dtype | None = None, overwrite: bool = False,
                     progress: bool = True) -> dict[str, Any]:
     """Write every chain's adapter (all chains unless given), the routers, the base and the
-    manifest to `out` (see the module docstring); returns the manifest."""
+    manifest to `out` (see the module docstring); returns the manifest.
+
+    `base_name` is what each adapter_config.json names as its base (`base_model_name_or_path`,
+    which PEFT's AutoPeft classes load): by default the absolute path of OUT/base when it is
+    written, else none. `dtype` casts the adapters and the base (default: the model's own);
+    the routers stay float32.
+    """
     cfg = check_exportable(model)
     chains = all_chains(cfg.taxonomy) if chains is None else list(dict.fromkeys(chains))
     if not chains:
         raise ExportError("no chains to export")
     _check_names(chains)
     out = Path(out)
-    manifest = _manifest(model, cfg, chains, with_base)
+    if base_name is None and with_base:
+        base_name = str((out / BASE).resolve())  # where the rename at the end puts it
+    manifest = _manifest(model, cfg, chains, with_base) | {
+        "base_model_name_or_path": base_name,
+        "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch.")}
     with atomic_dir(out, overwrite) as tmp, _progress(progress) as bar:
         save_file(router_tensors(model), str(tmp / ROUTERS))
         if with_base:
-            _save_dense(model, None, tmp / BASE, processor)
-        config = lora_config(model)  # the base is the manifest's, beside the adapters
+            _save_dense(model, None, tmp / BASE, processor, dtype)
+        config = lora_config(model, base_name)
         task = bar.add_task("adapters", total=len(chains))
         for chain in chains:
             folder = tmp / ADAPTERS / chain_name(chain)
             folder.mkdir(parents=True)
             config.save_pretrained(str(folder))
-            save_file(adapter_tensors(model, chain), str(folder / ADAPTER_WEIGHTS),
+            save_file(adapter_tensors(model, chain, dtype), str(folder / ADAPTER_WEIGHTS),
                       metadata={"format": "pt"})
             bar.advance(task)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -336,13 +351,14 @@ def export_adapters(model: Any, out: str | Path, chains: Sequence[Chain] | None 
 
 
 def export_merged(model: Any, out: str | Path, chain: Chain, *, processor: Any = None,
-                  overwrite: bool = False) -> Path:
-    """One chain merged into a plain dense checkpoint at `out`, loadable without mose."""
+                  dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """One chain merged into a plain dense checkpoint at `out`, loadable without mose (in `dtype`,
+    default the model's own; the merge itself is computed in float32)."""
     cfg = check_exportable(model, merge=True)
     if len(chain) != len(cfg.taxonomy.levels):
         raise ExportError(f"chain {chain} does not name one skill per level {cfg.taxonomy.level_names}")
     with atomic_dir(Path(out), overwrite) as tmp:
-        _save_dense(model, tuple(chain), tmp, processor)
+        _save_dense(model, tuple(chain), tmp, processor, dtype)
         note = {"format": FORMAT, "version": FORMAT_VERSION, "kind": "merged",
                 "chain": dict(zip(cfg.taxonomy.level_names, chain, strict=True)),
                 "experts": cfg.experts}

@@ -52,9 +52,11 @@ def test_export_route_and_merge(saved):
 
     merged = saved / "merged"
     result = runner.invoke(app, ["export", "--model", str(saved / "model"), "--out", str(merged),
-                                 "--merge", "perception=vehicle,planning=stop"])
+                                 "--merge", "perception=vehicle,planning=stop", "--dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
-    assert json.loads((merged / "config.json").read_text())["model_type"] == "qwen2_vl"
+    config = json.loads((merged / "config.json").read_text())
+    assert config["model_type"] == "qwen2_vl"
+    assert "bfloat16" in (config.get("dtype"), config.get("torch_dtype"))
 
 
 def test_refusals_are_clear_errors(saved):
@@ -63,4 +65,7 @@ def test_refusals_are_clear_errors(saved):
     result = runner.invoke(app, ["export", "--model", str(saved / "model"), "--out", str(saved / "y"),
                                  "--chain", "planning=fly"])
     assert result.exit_code == 2 and "unknown skill 'fly'" in result.output
+    result = runner.invoke(app, ["export", "--model", str(saved / "model"), "--out", str(saved / "y"),
+                                 "--dtype", "fp8"])
+    assert result.exit_code == 2 and "--dtype 'fp8'" in result.output
     assert not (saved / "x").exists() and not (saved / "y").exists()

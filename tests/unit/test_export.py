@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
@@ -125,6 +125,42 @@ def test_base_folder_is_the_dense_model_and_takes_the_adapter(exported):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_adapters_name_their_base_which_peft_loads_by_that_name(exported):
+    _, model, processor, out, manifest = exported
+    folder = out / "adapters" / "general-stationary-stop"
+    named = PeftConfig.from_pretrained(folder).base_model_name_or_path
+    assert named == str((out / "base").resolve()) == manifest["base_model_name_or_path"]
+    base = AutoModelForImageTextToText.from_pretrained(named).eval()
+    peft = PeftModel.from_pretrained(base, folder).eval()
+    inputs = vl_batch(processor, [2])
+    torch.testing.assert_close(logits(peft, inputs), forced_logits(model, inputs, CHAINS[1]),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_a_bfloat16_export_casts_adapters_and_base_but_not_the_routers(exported, tmp_path):
+    _, model, processor, _, _ = exported
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "bf16"
+    manifest = export_adapters(model, out, CHAINS[:1], processor=processor, base_name="org/base-2b",
+                               dtype=torch.bfloat16, progress=False)
+    folder = out / "adapters" / chain_name(CHAINS[0])
+    assert PeftConfig.from_pretrained(folder).base_model_name_or_path == "org/base-2b"
+    assert (manifest["dtype"], manifest["base_model_name_or_path"]) == ("bfloat16", "org/base-2b")
+    weights = load_file(folder / "adapter_model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(out / "routers.safetensors").values()} == {torch.float32}
+    base = AutoModelForImageTextToText.from_pretrained(out / "base")
+    assert {p.dtype for p in base.parameters()} == {torch.bfloat16}
+    # the model exported is untouched: same dtype, same values
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # bf16 weights compute what the float32 chain does, up to bf16 rounding
+    peft = PeftModel.from_pretrained(base.float(), folder).eval()
+    inputs = vl_batch(processor, [0])
+    expected = forced_logits(model, inputs, CHAINS[0])
+    error = (logits(peft, inputs) - expected).abs().max() / expected.abs().max()
+    assert error < 0.05
+
+
 def test_manifest_lists_every_chain_and_the_routers(tiny, tmp_path):
     _, model, _ = lora_model(tiny, taxonomy=SMALL)
     manifest = export_adapters(model, tmp_path / "out", progress=False, with_base=False)
@@ -214,11 +250,11 @@ def test_a_failed_export_leaves_nothing_and_an_existing_folder_is_kept(exported,
 
     original, calls = export.adapter_tensors, []
 
-    def broken(model, chain):  # the second adapter fails to write
+    def broken(model, chain, dtype=None):  # the second adapter fails to write
         calls.append(chain)
         if len(calls) == 2:
             raise RuntimeError("disk full")
-        return original(model, chain)
+        return original(model, chain, dtype)
 
     monkeypatch.setattr(export, "adapter_tensors", broken)
     with pytest.raises(RuntimeError, match="disk full"):
