@@ -13,6 +13,8 @@ from mose.data.world.driving import (
     describe,
     place,
 )
+from mose.data.world.robot import NONE
+from mose.data.world.robot import PHRASES as ROBOT_PHRASES
 from mose.skills.rules import RuleAnnotator
 
 
@@ -63,12 +65,22 @@ def test_driving_general_answers_are_canonical(tmp_path):
 
 
 def test_robot_general_questions_are_multiple_choice_but_describe(tmp_path):
-    samples = list(read_jsonl(generate("robot", 200, seed=2, out=tmp_path, weights=general_weights("robot"))))
+    samples = list(read_jsonl(generate("robot", 300, seed=2, out=tmp_path, weights=general_weights("robot"))))
     for s in samples:
-        if s.meta["question_kind"] == "describe":
+        kind = s.meta["question_kind"]
+        if kind == "describe":
             assert s.choices is None and "the target is at the" in s.answer
-        else:
-            assert s.choices[s.correct] == s.answer
+            continue
+        assert s.choices[s.correct] == s.answer and len(set(s.choices)) == len(s.choices)
+        if kind == "choose":
+            assert s.question == f"Pick the option: {s.answer}" and s.answer in ROBOT_PHRASES
+        if kind == "which":  # the one object in that quadrant, or none there
+            where = s.question.removeprefix("Which object is at the ").removesuffix(" of the table?")
+            there = [name for name, quadrant in s.meta["where"].items() if quadrant == where]
+            assert s.answer == (there[0] if there else NONE)
+        assert len(s.choices) == (5 if kind in ("which", "choose") else 4)
+    # Every letter is an answer some of the time: a general model has said each before the benchmark.
+    assert {s.correct for s in samples if s.choices} == set(range(5))
 
 
 def test_a_question_that_names_the_key_objects_lane_means_only_it(tmp_path):

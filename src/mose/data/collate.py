@@ -24,18 +24,27 @@ LETTERS = "ABCDEFGHIJ"
 END_OF_TURN = "<|im_end|>"
 
 
+def answers_with_text(sample: Sample) -> bool:
+    """Multiple choice answered with the option's text, not its letter: records that say so
+    (`meta["answer_with"] == "text"`, the procedural robot world's, whose tiny model cannot learn
+    to look a letter up; see README, "Calibration")."""
+    return sample.meta.get("answer_with") == "text"
+
+
 def prompt_text(sample: Sample) -> str:
     """The question as asked: multiple choice lists lettered options."""
     if not sample.choices:
         return sample.question
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(sample.choices))
-    return f"{sample.question}\n{options}\nAnswer with the option's letter."
+    part = "text" if answers_with_text(sample) else "letter"
+    return f"{sample.question}\n{options}\nAnswer with the option's {part}."
 
 
 def target_text(sample: Sample) -> str | None:
-    """What the model learns to say: the letter for multiple choice, else the answer."""
+    """What the model learns to say: for multiple choice the letter (or the option's text, where
+    the record asks for it), else the answer."""
     if sample.choices and sample.correct is not None:
-        return LETTERS[sample.correct]
+        return sample.choices[sample.correct] if answers_with_text(sample) else LETTERS[sample.correct]
     return sample.answer
 
 

@@ -3,7 +3,10 @@
 One JSON object per line with exactly these fields (`../DESIGN.md`):
 id, images, question, answer, task, choices, correct, skills, meta. Image paths
 are relative to the JSONL file's folder unless absolute. Files are written to a
-temporary name and renamed, so a file that exists is complete.
+temporary name and renamed, so a file that exists is complete. `meta` is the
+source's own, with one key mose reads: `answer_with: "text"` makes a
+multiple-choice record answered with its option's text instead of the letter
+(`mose.data.collate.target_text`).
 """
 
 from __future__ import annotations

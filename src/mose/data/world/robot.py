@@ -1,12 +1,15 @@
 """Procedural tabletop scenes: coloured objects, a gripper (open or closed) and a
 green target zone, asked as Robo2VLM-style multiple choice (4-way yes/no, 5-way
 otherwise, some answered by "None of the above") at the three levels of the
-`robot` taxonomy.
+`robot` taxonomy. Multiple choice is answered with the option's text, not its
+letter (`meta["answer_with"]`): the tiny model cannot learn to look a letter up
+(README, "Calibration"); the scorer reads either.
 
 The general kinds (`GENERAL_KINDS`: describe the scene, locate an object, say
-whether an object is there, count them) are off unless a weight switches them
-on: the generic visual question answering a general VLM knows before it meets
-this benchmark (no gripper, grasp or motion question among them).
+whether an object is there, count them, name the object in a quadrant, pick the
+option that says given words) are off unless a weight switches them on: the
+generic visual question answering a general VLM knows before it meets this
+benchmark (no gripper, grasp or motion question among them).
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ MOVES = {"move left": (-1, 0), "move right": (1, 0), "move forward": (0, -1),
 QUESTION_KINDS = ("gripper_open", "object_color", "closest", "task_success", "grasp_stable",
                   "graspable", "next_move", "place_move", "trajectory")
 # Drawn after the benchmark's kinds: at weight 0 the draw over those is what it was without them.
-GENERAL_KINDS = ("describe", "locate", "exists", "count")
+GENERAL_KINDS = ("describe", "locate", "exists", "count", "which", "choose")
 DEFAULT_WEIGHTS = dict.fromkeys(GENERAL_KINDS, 0.0)  # `generate` merges user weights over these
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+# What the benchmark's options say (the `choose` kind picks one by its words, never for a scene).
+PHRASES = (*YES_NO, *COLORS, *(f"{c} {s}" for s in SHAPES for c in COLORS), *MOVES, "close the gripper",
+           "lift the object", "release the object", "stay still", NONE)
 # question kind → (task, {level: skill}) — the ground truth the rules must recover
 SKILLS = {
     "gripper_open": ("perception", {"perception": "gripper"}),
@@ -92,7 +98,9 @@ def _scene(rng: random.Random) -> Scene:
     # One object per shape, so "the cube" always names one object.
     things = [Thing(shape, rng.choice(list(COLORS)), x, y)
               for shape, (x, y) in zip(rng.sample(SHAPES, count), spots, strict=False)]
-    target = spots[-1]
+    # Half the scenes have an object already in the target zone, so "is it done?" and "release" occur.
+    placed = rng.choice(things) if rng.random() < 0.5 else None
+    target = (placed.x, placed.y) if placed else spots[-1]
     if rng.random() < 0.4:  # gripper right over an object
         holder = rng.choice(things)
         gripper = (holder.x, holder.y)
@@ -145,6 +153,9 @@ def render(scene: Scene) -> Image.Image:
 def _ask(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, list[str]]:
     """(question, correct answer, distractors) for one question kind."""
     thing = rng.choice(scene.things)
+    placed = [t for t in scene.things if scene.in_target(t)]
+    if kind == "task_success" and placed and rng.random() < 0.5:  # about as often done as not
+        thing = placed[0]
     names = [t.name for t in scene.things]
     others = [f"{c} {s}" for s in SHAPES for c in COLORS]
     yes = {True: "Yes", False: "No"}
@@ -187,6 +198,11 @@ def _ask(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, list[st
             [*MOVES, "stay still"])
 
 
+def _five(rng: random.Random, answer: str, pool: list[str]) -> list[str]:
+    """The answer and four others drawn from `pool`: a general question's five options, unshuffled."""
+    return [answer, *rng.sample(sorted(set(pool) - {answer}), 4)]
+
+
 def _general(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, list[str] | None]:
     """(question, answer, the options to choose from, or None for an open answer) of a general kind."""
     if kind == "describe":
@@ -199,6 +215,16 @@ def _general(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, lis
         absent = [f"{c} {s}" for s in SHAPES for c in COLORS if f"{c} {s}" not in names]
         name = rng.choice(names if rng.random() < 0.5 else absent)
         return f"Is there a {name} on the table?", "Yes" if name in names else "No", YES_NO
+    if kind == "which":  # a quadrant holding one object or none: 5-way, as the benchmark asks names
+        alone = [q for q in QUADRANTS if sum(quadrant(t.x, t.y) == q for t in scene.things) <= 1]
+        where = rng.choice(alone)
+        there = [t.name for t in scene.things if quadrant(t.x, t.y) == where]
+        answer = there[0] if there else NONE
+        others = [t.name for t in scene.things] + [f"{c} {s}" for s in SHAPES for c in COLORS]
+        return f"Which object is at the {where} of the table?", answer, _five(rng, answer, [*others, NONE])
+    if kind == "choose":  # reading the options: the one that says the given words
+        phrase = rng.choice(PHRASES)
+        return f"Pick the option: {phrase}", phrase, _five(rng, phrase, list(PHRASES))
     return "How many objects are on the table?", str(len(scene.things)), ["1", "2", "3", "4"]
 
 
@@ -229,7 +255,9 @@ def make_sample(rng: random.Random, sample_id: str, image_path: str,
         task, skills = SKILLS[kind]
     full_skills = {"perception": "general", "interpretation": "general", "planning": "general", **skills}
     meta = {"domain": "robot", "question_kind": kind, "gripper_open": scene.gripper_open,
-            "objects": [t.name for t in scene.things]}
+            "objects": [t.name for t in scene.things],
+            "where": {t.name: quadrant(t.x, t.y) for t in scene.things},
+            **({"answer_with": "text"} if choices else {})}
     sample = Sample(id=sample_id, images=[image_path], question=question, answer=answer, task=task,
                     choices=choices, correct=correct, skills=full_skills, meta=meta)
     return sample, render(scene)
