@@ -35,8 +35,9 @@ QUESTION_KINDS = ("gripper_open", "object_color", "closest", "task_success", "gr
 GENERAL_KINDS = ("describe", "locate", "exists", "count", "which", "choose")
 DEFAULT_WEIGHTS = dict.fromkeys(GENERAL_KINDS, 0.0)  # `generate` merges user weights over these
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+NAMES = tuple(f"{c} {s}" for s in SHAPES for c in COLORS)  # every object the world can draw
 # What the benchmark's options say (the `choose` kind picks one by its words, never for a scene).
-PHRASES = (*YES_NO, *COLORS, *(f"{c} {s}" for s in SHAPES for c in COLORS), *MOVES, "close the gripper",
+PHRASES = (*YES_NO, *COLORS, *NAMES, *MOVES, "close the gripper",
            "lift the object", "release the object", "stay still", NONE)
 # question kind → (task, {level: skill}) — the ground truth the rules must recover
 SKILLS = {
@@ -153,11 +154,12 @@ def render(scene: Scene) -> Image.Image:
 def _ask(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, list[str]]:
     """(question, correct answer, distractors) for one question kind."""
     thing = rng.choice(scene.things)
-    placed = [t for t in scene.things if scene.in_target(t)]
-    if kind == "task_success" and placed and rng.random() < 0.5:  # about as often done as not
-        thing = placed[0]
+    if kind == "task_success":  # about as often done as not: ask of the placed object half the time
+        placed = [t for t in scene.things if scene.in_target(t)]
+        if placed and rng.random() < 0.5:
+            thing = placed[0]
     names = [t.name for t in scene.things]
-    others = [f"{c} {s}" for s in SHAPES for c in COLORS]
+    others = list(NAMES)
     yes = {True: "Yes", False: "No"}
     if kind == "gripper_open":
         return "Is the robot's gripper open?", yes[scene.gripper_open], YES_NO
@@ -212,7 +214,7 @@ def _general(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, lis
         return f"Where is the {thing.name}?", quadrant(thing.x, thing.y), list(QUADRANTS)
     if kind == "exists":
         names = [t.name for t in scene.things]
-        absent = [f"{c} {s}" for s in SHAPES for c in COLORS if f"{c} {s}" not in names]
+        absent = [name for name in NAMES if name not in names]
         name = rng.choice(names if rng.random() < 0.5 else absent)
         return f"Is there a {name} on the table?", "Yes" if name in names else "No", YES_NO
     if kind == "which":  # a quadrant holding one object or none: 5-way, as the benchmark asks names
@@ -220,8 +222,7 @@ def _general(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, lis
         where = rng.choice(alone)
         there = [t.name for t in scene.things if quadrant(t.x, t.y) == where]
         answer = there[0] if there else NONE
-        others = [t.name for t in scene.things] + [f"{c} {s}" for s in SHAPES for c in COLORS]
-        return f"Which object is at the {where} of the table?", answer, _five(rng, answer, [*others, NONE])
+        return f"Which object is at the {where} of the table?", answer, _five(rng, answer, [*NAMES, NONE])
     if kind == "choose":  # reading the options: the one that says the given words
         phrase = rng.choice(PHRASES)
         return f"Pick the option: {phrase}", phrase, _five(rng, phrase, list(PHRASES))
