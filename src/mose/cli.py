@@ -239,8 +239,8 @@ def predict(
     temperature: float = typer.Option(1.0, help="with --do-sample"),
     top_p: float = typer.Option(1.0, help="with --do-sample"),
     seed: int = typer.Option(0, help="with --do-sample"),
-    route_aware: bool = typer.Option(True, help="batch questions that share their skill route "
-                                     "(same answers, faster decoding)"),
+    route_aware: bool = typer.Option(True, help="decode together the questions that share their skill "
+                                     "route, after plain prefill batches (same answers, faster decoding)"),
     force_skills: bool = typer.Option(False, help="route each question by its record's skills, not "
                                       "the routers (MoSE; oracle routing: an upper bound that reads the "
                                       "labels)"),

@@ -1,6 +1,8 @@
 """Predictions with skill chains: file format, resume, route-aware batching, chat, CODA-LM files."""
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -89,18 +91,31 @@ def test_predictions_file_is_one_line_per_sample_in_input_order(converted, sampl
     assert calls == [] and again.generated == 0 and out.read_text() == before
 
 
-def test_route_aware_batching_gives_plain_answers_with_one_route_per_batch(converted, samples, tmp_path,
-                                                                           monkeypatch):
+@contextmanager
+def decode_steps(model) -> Iterator[list[list]]:
+    """Each cached decode step's routes, one per sample of its batch."""
+    steps = []
+    hook = model.register_forward_hook(
+        lambda _m, _args, kwargs, _out: steps.append(current_route_keys(model))
+        if kwargs["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    try:
+        yield steps
+    finally:
+        hook.remove()
+
+
+def test_route_aware_batching_gives_plain_answers_with_one_route_per_decode_step(converted, samples,
+                                                                                 tmp_path, monkeypatch):
     model, processor = converted
-    calls = spy_on_generate(monkeypatch, model)
-    run(model, processor, samples, tmp_path / "aware.jsonl")
-    aware = list(calls)
-    calls.clear()
-    run(model, processor, samples, tmp_path / "plain.jsonl", route_aware=False)
-    plain = list(calls)
-    assert all(len(set(routes)) == 1 for _, routes in aware)
-    assert any(len(set(routes)) > 1 for _, routes in plain)  # the samples really spread
-    assert sum(size for size, _ in aware) == sum(size for size, _ in plain) == len(samples)
+    prefills = spy_on_generate(monkeypatch, model)
+    with decode_steps(model) as aware:
+        report = run(model, processor, samples, tmp_path / "aware.jsonl")
+    assert [size for size, _ in prefills] == [4, 4, 4]  # plain batches, no routing pass
+    with decode_steps(model) as plain:
+        run(model, processor, samples, tmp_path / "plain.jsonl", route_aware=False)
+    assert aware and all(len(set(routes)) == 1 for routes in aware)
+    assert any(len(set(routes)) > 1 for routes in plain)  # the samples really spread
+    assert report.routes >= 3 and report.batches >= report.routes
     assert (tmp_path / "aware.jsonl").read_text() == (tmp_path / "plain.jsonl").read_text()
 
 
@@ -169,19 +184,19 @@ def labelled_chain(sample, taxonomy):
     return {level: (sample.skills or {}).get(level, "general") for level in taxonomy.level_names}
 
 
-def test_forced_skills_route_every_answer_by_its_records_labels(converted, samples, tmp_path, monkeypatch):
+def test_forced_skills_route_every_answer_by_its_records_labels(converted, samples, tmp_path):
     model, processor = converted
     taxonomy = model.mose_config.taxonomy
     run(model, processor, samples, tmp_path / "own.jsonl")
     own = read_predictions(tmp_path / "own.jsonl")
-    calls = spy_on_generate(monkeypatch, model)
-    report = run(model, processor, samples, tmp_path / "forced.jsonl", force_skills=True)
+    with decode_steps(model) as steps:
+        report = run(model, processor, samples, tmp_path / "forced.jsonl", force_skills=True)
     forced = read_predictions(tmp_path / "forced.jsonl")
     labels = {s.id: labelled_chain(s, taxonomy) for s in samples}
     assert {i: p.skills() for i, p in forced.items()} == labels  # the chains are the labels
     assert any(own[i].skills() != labels[i] for i in labels)  # ... which the routers alone do not pick
-    # Route-aware batching groups by the forced routes: one route per generate call, kept while decoding.
-    assert all(len(set(routes)) == 1 for _, routes in calls)
+    # Route-aware batching groups by the forced routes: one route per decode step.
+    assert steps and all(len(set(routes)) == 1 for routes in steps)
     assert report.routes == len({tuple(chain.values()) for chain in labels.values()})
 
 
@@ -304,3 +319,24 @@ def test_coda_lm_answer_files(tmp_path):
               (tmp_path / "vqa" / "region_perception_answer.jsonl").read_text().splitlines()]
     assert [(r["question_id"], r["answer"]) for r in region] == [(1, "a1"), (3, "a0")]
     assert not (tmp_path / "vqa" / "region_perception_answer_w_label.jsonl").exists()
+
+
+def test_route_groups_answer_as_plain_batching_on_qwen2_5_vl(tiny, samples, tmp_path):
+    model, processor = tiny("qwen2_5_vl")
+    model = mose.convert(model, mose.MoSEConfig(taxonomy="robot"))
+    distinct_experts(model)
+    sharpen_routers(model, seed=3, spread=prompt_batch(processor, samples))
+    report = run(model, processor, samples, tmp_path / "aware.jsonl")
+    run(model, processor, samples, tmp_path / "plain.jsonl", route_aware=False)
+    assert report.routes >= 3
+    assert (tmp_path / "aware.jsonl").read_text() == (tmp_path / "plain.jsonl").read_text()
+
+
+def test_running_decode_routing_decodes_in_plain_batches(converted, samples, tmp_path):
+    model, processor = converted
+    model.set_decode_routing("running")  # routes change at every step: no route groups to keep
+    try:
+        report = run(model, processor, samples, tmp_path / "running.jsonl")
+    finally:
+        model.set_decode_routing("once")
+    assert report.routes is None and report.batches == 3

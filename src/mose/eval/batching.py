@@ -1,11 +1,12 @@
-"""Route-aware batching: generate together the prompts that share their route.
+"""Routes as batch keys: each prompt's full route, and batches that share one.
 
 A MoSE layer reads one skill expert per distinct skill in a batch, so a decode
 step over a batch that spreads over three skills reads 1 + 3 FFNs where the
 FLOP ideal assumes 1 + k (`bench/README.md`). Routes depend on the prompt only
-(never on padding or batch mates), so they can be decided first, by a forward
-cut short once the last MoSE layer's router has run, and prompts grouped by
-their full route (the experts chosen at every MoSE layer) before generating.
+(never on padding or batch mates). `mose predict` reads them from its prefill
+and decodes route groups (`mose.eval.regroup`); `route_keys` decides them
+without decoding, by a forward cut short once the last MoSE layer's router has
+run (the routing pass), for callers that need routes before any generation.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ and the partial file removed. So OUT exists only when complete.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +40,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+from transformers import GenerationConfig
 
 from mose.data.collate import Collator, SampleEncoder
 from mose.data.schema import DataError, Sample, atomic_path
-from mose.eval.batching import (
-    check_batch_size,
-    is_mose,
-    plain_batches,
-    route_aware_batches,
-    route_keys,
-)
+from mose.eval.batching import check_batch_size, is_mose, plain_batches
 from mose.eval.predictions import Prediction, chain_dict, parse_prediction, read_predictions
+from mose.eval.regroup import RouteGroupDecoder
 from mose.models.device import model_device, to_device
+from mose.routing import SkillChain
 from mose.skills.taxonomy import Taxonomy
 
 PARTIAL_SUFFIX = ".partial"
@@ -117,11 +115,16 @@ class Answerer:
         batch.pop("labels")  # all IGNORE: there is no answer in a prompt
         return to_device(batch, model_device(self.model))
 
-    def routes(self, samples: Sequence[Sample]) -> list[Any]:
-        """Each prompt's full route (MoSE), or None each (other models: nothing to group by)."""
-        if not self.mose:
-            return [None] * len(samples)
-        return route_keys(self.model, self.inputs(samples))
+    def generation_config(self) -> GenerationConfig:
+        """What `generate` runs with: the checkpoint's config, updated by these options."""
+        config = copy.deepcopy(self.model.generation_config)
+        config.update(**self.options.generate_kwargs(), pad_token_id=self.pad_token_id)
+        return config
+
+    def regroups(self) -> bool:
+        """Whether route groups can decode (`mose.eval.regroup`): a MoSE model that keeps the
+        prompt's route while decoding ("running" routing changes it every step)."""
+        return self.mose and self.model.mose_config.decode_routing == "once"
 
     def answer(self, samples: Sequence[Sample]) -> list[Prediction]:
         inputs = self.inputs(samples)
@@ -156,7 +159,7 @@ class PredictReport:
     total: int  # samples in the input
     generated: int  # answered in this run
     resumed: int  # found in OUT.partial from an earlier run
-    batches: int  # generation batches in this run
+    batches: int  # generation batches in this run (route groups: one per decode batch composition)
     routes: int | None  # distinct full routes among this run's samples (MoSE with route-aware batching)
     seconds: float
 
@@ -178,11 +181,12 @@ def predict(model: Any, processor: Any, samples: Iterable[Sample], out_path: str
 
     Args:
         samples: sample records (`mose.data.read_jsonl`); ids must be unique.
-        route_aware: MoSE models route every prompt first (a forward that stops
-            after the last router) and generate prompts sharing their full route
-            together, which keeps decoding at one skill expert per MoSE layer.
-            Answers are those of plain batching; only speed changes. No effect
-            on dense or token-MoE models.
+        route_aware: MoSE models prefill plain batches (which chooses every
+            prompt's route), then decode prompts that share their full route
+            together, refilling a batch as its answers end (`mose.eval.regroup`),
+            which keeps decoding at one skill expert per MoSE layer. Answers are
+            those of plain batching; only speed changes. No effect on dense or
+            token-MoE models, nor with "running" decode routing.
         seed: seeds sampling (`do_sample`); greedy decoding does not use it.
         force_skills: route every question by its record's `skills` instead of the
             routers (MoSE models only): oracle routing, an upper bound that reads
@@ -209,38 +213,47 @@ def predict(model: Any, processor: Any, samples: Iterable[Sample], out_path: str
     done = _resume(partial, set(ids))
     resumed = len(done)
     todo = [s for s in samples if s.id not in done]
-    routes = None
-    batches: list[list[int]] = []
+    routes: int | None = None
+    batches = 0
     with eval_mode(model), _progress(progress) as bar:
         if do_sample:
             torch.manual_seed(seed)
-        if route_aware and answerer.mose and todo:
-            keys = _route_all(answerer, todo, batch_size, bar)
-            routes = len(set(keys))
-            batches = route_aware_batches(keys, batch_size)
-        else:
-            batches = plain_batches(len(todo), batch_size)
         task = bar.add_task("answering", total=len(todo))
         partial.parent.mkdir(parents=True, exist_ok=True)
         with partial.open("a", encoding="utf-8") as log:
-            for rows in batches:
-                predictions = answerer.answer([todo[i] for i in rows])
+            def keep(predictions: list[Prediction]) -> None:
                 log.write("".join(p.to_json() + "\n" for p in predictions))
-                log.flush()  # a kill loses at most the batch being generated
+                log.flush()  # a kill loses at most what is being generated
                 done.update((p.id, p) for p in predictions)
-                bar.advance(task, len(rows))
+                bar.advance(task, len(predictions))
+
+            if route_aware and answerer.regroups():
+                routes, batches = _answer_in_route_groups(answerer, todo, batch_size, keep)
+            else:
+                for rows in plain_batches(len(todo), batch_size):
+                    keep(answerer.answer([todo[i] for i in rows]))
+                    batches += 1
     _finish(out_path, partial, ids, done)
-    return PredictReport(out_path, len(ids), len(todo), resumed, len(batches), routes,
+    return PredictReport(out_path, len(ids), len(todo), resumed, batches, routes,
                          time.perf_counter() - begin)
 
 
-def _route_all(answerer: Answerer, samples: list[Sample], batch_size: int, bar: Progress) -> list[Any]:
-    task = bar.add_task("routing", total=len(samples))
-    keys = []
-    for rows in plain_batches(len(samples), batch_size):
-        keys += answerer.routes([samples[i] for i in rows])
-        bar.advance(task, len(rows))
-    return keys
+def _answer_in_route_groups(answerer: Answerer, samples: list[Sample], batch_size: int,
+                            keep: Callable[[list[Prediction]], None]) -> tuple[int, int]:
+    """Prefill plain batches, decode batches that share their route (`mose.eval.regroup`);
+    returns (distinct routes, decode batches)."""
+    decoder = RouteGroupDecoder(answerer.model, answerer.generation_config(), batch_size)
+
+    def finished(index: int, tokens: list[int], chain: SkillChain) -> None:
+        answer = answerer.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        keep([Prediction(samples[index].id, answer, chain_dict(chain))])
+
+    def prefill_batches():
+        for rows in plain_batches(len(samples), batch_size):
+            yield rows, answerer.inputs([samples[i] for i in rows])
+
+    decoder.run(prefill_batches(), finished)
+    return len(decoder.routes), len(decoder.compositions)
 
 
 def _unique_ids(samples: Sequence[Sample], source: str) -> list[str]:
