@@ -15,6 +15,12 @@ after the last router, then batches prompts sharing their full route; its
 routing pass is timed apart. The dense backbone runs the plain batches. Same
 Qwen2 text model as `model.py`; decode time is read per step inside generate
 (from the first generated token to the last), so one run gives it.
+
+The second table is what `mose predict` runs, end to end (prefill, decode,
+and the routing pass where there is one), at several answer lengths: plain
+batching; the routing pass then route-aware batches; and route groups
+(`mose.eval.regroup`): plain prefill batches, whose prompts then decode in
+batches that share their route, with no routing pass.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from transformers import Qwen2ForCausalLM, StoppingCriteria, StoppingCriteriaLis
 
 import mose
 from mose.eval.batching import plain_batches, route_aware_batches, route_keys
+from mose.eval.regroup import RouteGroupDecoder
 from mose.layers import MoSEBlock
 
 CHAINS = 5  # skills per level in the driving taxonomy
@@ -162,7 +169,48 @@ def main() -> None:
                       - decode_seconds["MoSE, route-aware batching"]) / (new - 1)
     if saved_per_step > 0:
         print(f"\nroute-aware batching pays for its routing pass from answers of about "
-              f"{routing / saved_per_step:.0f} new tokens (prompt {prompt})")
+              f"{routing / saved_per_step:.0f} new tokens (prompt {prompt}); route groups have no "
+              "routing pass to pay for")
+    with torch.no_grad():
+        lengths = [8] if args.quick else [16, 32] if args.full else [4, 16, 32]  # --full: a GPU's time
+        end_to_end(moe, ids, batch, lengths, device, repeats)
+
+
+def end_to_end(moe, ids: torch.Tensor, batch: int, lengths: list[int], device, repeats: int) -> None:
+    """Answers per second of each way `mose predict` could batch, prefill and routing included."""
+    rows = []
+    for new in lengths:
+        seconds = medians(predict_variants(moe, ids, batch, new), device, repeats, 1)
+        plain = seconds["plain batching"]
+        rows += [[new, name, f"{len(ids) / t:.2f}", plain / t] for name, t in seconds.items()]
+    table("end to end, as `mose predict` batches (prefill, decode and any routing pass)",
+          ["new tokens", "batching", "answers/s", "speed × plain batching"], rows)
+
+
+def predict_variants(moe, ids: torch.Tensor, batch: int, new: int) -> dict:
+    """Answering every prompt with `new` tokens: plain batches, the routing pass then route-aware
+    batches, route groups."""
+    count, mask = len(ids), torch.ones_like(ids)
+    config = copy.deepcopy(moe.generation_config)
+    config.update(max_new_tokens=new, do_sample=False, pad_token_id=0)
+    config.eos_token_id = []  # random prompts: every answer runs its full length
+
+    def plain(batches=None):
+        for rows in batches or plain_batches(count, batch):
+            moe.generate(input_ids=ids[rows], attention_mask=mask[rows], generation_config=config)
+
+    def routing_pass_then_groups():
+        keys = [key for rows in plain_batches(count, batch)
+                for key in route_keys(moe, {"input_ids": ids[rows]})]
+        plain(route_aware_batches(keys, batch))
+
+    def route_groups():
+        batches = ((rows, {"input_ids": ids[rows], "attention_mask": mask[rows]})
+                   for rows in plain_batches(count, batch))
+        RouteGroupDecoder(moe, config, batch).run(batches, lambda *_: None)
+
+    return {"plain batching": plain, "routing pass, then route-aware batches": routing_pass_then_groups,
+            "route groups, no routing pass": route_groups}
 
 
 def _skills_per_layer(keys: list, batches: list[list[int]]) -> float:
