@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import torch
 
 import mose
 from conftest import distinct_experts, prompt_batch, sharpen_routers
@@ -19,8 +20,9 @@ from mose.eval.batching import (
 )
 from mose.eval.chat import NO_CHAIN, answer_one, format_chain
 from mose.eval.coda_lm import write_coda_lm_answers
-from mose.eval.predict import Answerer, partial_path, predict
+from mose.eval.predict import Answerer, GenerationOptions, partial_path, predict
 from mose.eval.predictions import Prediction, read_predictions
+from mose.eval.regroup import RouteGroupDecoder
 from mose.models.loading import load_model
 from mose.models.processor import save_processor
 from mose.routing import SkillChain, SkillChoice
@@ -340,3 +342,42 @@ def test_running_decode_routing_decodes_in_plain_batches(converted, samples, tmp
     finally:
         model.set_decode_routing("once")
     assert report.routes is None and report.batches == 3
+
+
+def decode_positions(model, run_it) -> list:
+    """The m-RoPE rows of the position ids each cached decode step was given, (3, B) each."""
+    seen = []
+    hook = model.register_forward_hook(
+        lambda _m, _args, kwargs, _out: seen.append(kwargs["position_ids"][-3:, :, 0].clone())
+        if kwargs["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run_it()
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_route_groups_give_each_prompt_generates_m_rope_positions(converted, samples):
+    """Qwen2-VL: an image of 4 × 4 tokens advances the position by 4, not 16; a decode batch
+    mixing prompts from other prefill batches must keep each prompt's own offset."""
+    model, processor = converted
+    answerer = Answerer(model, processor, GenerationOptions(max_new_tokens=4))
+    config = answerer.generation_config()
+    config.eos_token_id = []  # every answer its full length: the same steps either way
+    expected = {}
+    for i, sample in enumerate(samples):
+        steps = decode_positions(model, lambda s=sample: model.generate(**answerer.inputs([s]),
+                                                                        generation_config=config))
+        expected[i] = [step[:, 0].tolist() for step in steps]  # the prompt alone
+    decoder = RouteGroupDecoder(model, config, batch_size=3)
+    batches = [(rows, answerer.inputs([samples[i] for i in rows])) for rows in plain_batches(len(samples), 3)]
+    order = []
+    steps = decode_positions(model, lambda: decoder.run(iter(batches), lambda *_: None))
+    for composition in decoder.compositions:
+        order += [composition] * (config.max_new_tokens - 1)  # no answer ends early: one composition each
+    got = {}
+    for rows, step in zip(order, steps, strict=True):
+        for b, index in enumerate(rows):
+            got.setdefault(index, []).append(step[:, b].tolist())
+    assert got == expected
