@@ -1,5 +1,6 @@
 """Predictions with skill chains: file format, resume, route-aware batching, chat, CODA-LM files."""
 
+import copy
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import mose
-from conftest import distinct_experts, prompt_batch, sharpen_routers
+from conftest import distinct_experts, mose_blocks, prompt_batch, sharpen_routers
 from mose.data import DataError, Sample, read_jsonl
 from mose.data.world import generate
 from mose.eval.batching import (
@@ -362,6 +363,12 @@ def test_route_groups_give_each_prompt_generates_m_rope_positions(converted, sam
     """Qwen2-VL: an image of 4 × 4 tokens advances the position by 4, not 16; a decode batch
     mixing prompts from other prefill batches must keep each prompt's own offset."""
     model, processor = converted
+    model = copy.deepcopy(model)
+    for block in mose_blocks(model):  # one route for all: decode batches mix text and image prompts
+        torch.nn.init.zeros_(block.router.weight)
+    # A text-only question among them: its offset is 0, the others' are not.
+    samples = [*samples[:4], Sample(id="robot/text", images=[], question="Is the gripper open?"),
+               *samples[4:8]]
     answerer = Answerer(model, processor, GenerationOptions(max_new_tokens=4))
     config = answerer.generation_config()
     config.eos_token_id = []  # every answer its full length: the same steps either way
@@ -381,3 +388,6 @@ def test_route_groups_give_each_prompt_generates_m_rope_positions(converted, sam
         for b, index in enumerate(rows):
             got.setdefault(index, []).append(step[:, b].tolist())
     assert got == expected
+    with torch.no_grad():  # the prompts' offsets really differ (the text-only one's is 0)
+        model.generate(**answerer.inputs(samples), generation_config=config, max_new_tokens=1)
+    assert len(set(model.model.rope_deltas.view(-1).tolist())) > 1

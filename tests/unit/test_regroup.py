@@ -133,3 +133,17 @@ def test_sampling_goes_through_generates_warpers(model):
 
     assert tokens(nucleus) == tokens(greedy)
     assert tokens(hot) == tokens(hot) != tokens(greedy)  # seeded, and really sampled
+
+
+def test_a_repetition_penalty_reads_every_token_as_generate_does(model):
+    """Processors that read the tokens so far (prompt and answer) see them in route groups too."""
+    rows = prompts()
+    sharpen_routers(model, seed=1, spread=left_padded(rows))
+    config = end_token_config(model, rows)
+    config.repetition_penalty = 5.0  # strong enough to change what greedy decoding says
+    plain = copy.deepcopy(config)
+    plain.repetition_penalty = 1.0
+    _, answers, _ = decode_all(model, rows, config, batch_size=3)
+    assert any(answers[i][0] != alone(model, r, plain) for i, r in enumerate(rows))  # it bites
+    for i, prompt in enumerate(rows):
+        assert answers[i][0] == alone(model, prompt, config), i

@@ -44,7 +44,7 @@ class Prompt:
     chain: SkillChain
     route: dict[int, Route]  # layer → its row of the prefill batch's route, (1, ·) tensors
     cache: KV  # its real tokens only (never padding)
-    ids: torch.Tensor  # (n,) its prompt's real token ids, then the tokens generated so far
+    prompt_ids: torch.Tensor  # (n,) its prompt's real token ids
     offset: int  # Qwen2-VL's m-RoPE offset (0 for 1-D positions): position = text position + offset
     tokens: list[int] = field(default_factory=list)  # generated so far (the first, from the prefill)
 
@@ -52,6 +52,15 @@ class Prompt:
     def length(self) -> int:
         """Tokens in its cache: the prompt and every generated token fed back so far."""
         return self.cache[0][0].shape[2]
+
+    @property
+    def next_position(self) -> int:
+        """The text position of the token it feeds next (its last generated one)."""
+        return len(self.prompt_ids) + len(self.tokens) - 1
+
+    def ids(self) -> torch.Tensor:
+        """(n + generated,) every token so far, as `generate`'s logits processors read them."""
+        return torch.cat([self.prompt_ids, self.prompt_ids.new_tensor(self.tokens)])
 
 
 class RouteGroupDecoder:
@@ -122,8 +131,8 @@ class RouteGroupDecoder:
         """One plain batch through `generate` for its first token: the prefill plain batching runs."""
         model = self.model
         out = model.generate(**inputs, generation_config=self.first_token)
-        mask = inputs["attention_mask"]  # (B, T), left-padded
-        real = mask.sum(dim=1).tolist()
+        mask = inputs.get("attention_mask")  # (B, T), left-padded; none: no padding
+        real = [inputs["input_ids"].shape[1]] * len(indices) if mask is None else mask.sum(dim=1).tolist()
         offsets = model.model.rope_deltas.view(-1).tolist() if self.mrope else [0] * len(indices)
         first = out.sequences[:, -1].tolist()
         routes = model.mose_state.routes
@@ -136,9 +145,8 @@ class RouteGroupDecoder:
             cache = [(layer.keys[b:b + 1, :, -n:], layer.values[b:b + 1, :, -n:]) for layer in layers]
             route = {i: Route(r.experts[b:b + 1], r.weights[b:b + 1], r.probs[b:b + 1])
                      for i, r in routes.items()}
-            ids = torch.cat([inputs["input_ids"][b, -n:], out.sequences[b, -1:]])  # (n + 1,)
-            prompts.append(Prompt(index, keys[b], chains[b], route, cache, ids, int(offsets[b]),
-                                  [first[b]]))
+            prompts.append(Prompt(index, keys[b], chains[b], route, cache, inputs["input_ids"][b, -n:],
+                                  int(offsets[b]), [first[b]]))
         return prompts
 
     def finished(self, prompt: Prompt) -> bool:
@@ -194,7 +202,7 @@ class RouteGroupDecoder:
         state.routes, state.running = routes, {}
         device = mask.device
         tokens = torch.tensor([[s.tokens[-1]] for s in slots], device=device)  # (B, 1)
-        text = torch.tensor([[len(s.ids) - 1] for s in slots], device=device)  # (B, 1): real tokens before it
+        text = torch.tensor([[s.next_position] for s in slots], device=device)  # (B, 1)
         if self.mrope:
             offsets = torch.tensor([[s.offset] for s in slots], device=device)  # (B, 1)
             positions = torch.stack([text, *[text + offsets] * 3])  # (4, B, 1): text row, then t, h, w
@@ -205,14 +213,13 @@ class RouteGroupDecoder:
                                 past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
         scores = logits.float()
         if self.processors:  # they read every token so far (a repetition penalty, say)
-            scores = self.processors(_left_pad_ids([s.ids for s in slots], self.pad), scores)
+            scores = self.processors(_left_pad_ids([s.ids() for s in slots], self.pad), scores)
         if self.config.do_sample:
             chosen = torch.multinomial(scores.softmax(dim=-1), 1).squeeze(1)  # (B,)
         else:
             chosen = scores.argmax(dim=-1)  # (B,)
         for slot, token in zip(slots, chosen.tolist(), strict=True):
             slot.tokens.append(token)
-            slot.ids = torch.cat([slot.ids, chosen.new_tensor([token])])
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
