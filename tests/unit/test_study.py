@@ -13,12 +13,12 @@ import yaml
 
 import mose
 from mose.data import Sample, read_jsonl, write_jsonl
-from mose.data.world import generate
+from mose.data.world import general_weights, generate
 from mose.eval.analysis import LayerSimilarity, expert_similarity
 from mose.eval.predictions import Prediction
 from mose.layers.blocks import expert_blocks
 from mose.study import StudyError, load_study, run_study, study_from_dict
-from mose.study.data import StudyData, annotate_questions
+from mose.study.data import StudyData, annotate_questions, write_curriculum
 from mose.study.measure import diversity, expert_tokens, routed_pairs, routed_similarity, routing_on_test
 from mose.study.methods import METHODS, final_stage, method_stages
 from mose.study.run import _claim, _data_line, _note, planned_data, pretrain_recipe
@@ -99,6 +99,9 @@ def test_real_benchmark_study_configs_load(name, monkeypatch):
      "'mose_oracle', which has no skill routers"),
     ({"router": {"labelled": 100, "max_steps": 50}, "experiments": {"skill_data": {"labelled": [10, 100]}}},
      "router.max_steps gives every labelled-set size"),
+    ({"curriculum": [{"max_steps": 5}]}, "curriculum.1 needs 'kinds'"),
+    ({"curriculum": [{"kinds": ["count"]}, {"kinds": ["gripper_state"]}]},
+     "curriculum.2.kinds names 'gripper_state'; the driving world's general kinds are"),
 ])
 def test_bad_configs_name_the_file_and_key(changes, message):
     with pytest.raises(StudyError, match="t.yaml") as error:
@@ -333,6 +336,45 @@ def test_question_labels_are_part_of_the_folders_settings_once_made(tmp_path):
                    experiments={"main": {"methods": ["mose_question"]}})
     with pytest.raises(StudyError, match="question_rules"):  # its labels were made by the others
         _claim(other, plan_runs(other))
+
+
+def test_a_curriculum_pretrains_on_its_kinds_first_with_the_pretrainings_options(tmp_path):
+    study = config(output_dir=str(tmp_path / "study"), world={"domain": "robot"},
+                   pretrain={"max_steps": 20, "lr": 5e-4, "batch_size": 4},
+                   curriculum=[{"kinds": ["count"], "max_steps": 8},
+                               {"kinds": ["count", "gripper_state"], "lr": 1e-3}])
+    data = planned_data(study, plan_runs(study))
+    recipe = pretrain_recipe(study, data)
+    assert list(recipe.stages) == ["curriculum_1", "curriculum_2", "pretrain"]
+    first, second, last = recipe.stages.values()
+    assert (first.max_steps, first.lr, first.batch_size, first.trainable) == (8, 5e-4, 4, "all")
+    assert (second.max_steps, second.lr) == (20, 1e-3)
+    assert [first.data, second.data, last.data] == [*map(str, data.curriculum), None]  # last: data.train
+    assert recipe.data.train == str(data.pretrain)
+    # Each stage's records are the general file's of its kinds, beside it (its images are theirs).
+    generate("robot", 120, seed=0, out=data.pretrain.parent, split="pretrain",
+             weights=general_weights("robot"))
+    write_curriculum(data.pretrain, data.curriculum, [c["kinds"] for c in study.curriculum])
+    everything = list(read_jsonl(data.pretrain))
+    for path, stage in zip(data.curriculum, study.curriculum, strict=True):
+        records = list(read_jsonl(path))
+        assert records == [s for s in everything if s.meta["question_kind"] in stage["kinds"]]
+    assert len(list(read_jsonl(data.curriculum[1]))) > len(list(read_jsonl(data.curriculum[0]))) > 0
+    bad = replace(study, curriculum=[{"kinds": ["count"], "lr": -1}])
+    with pytest.raises(StudyError, match="curriculum.1.lr is -1"):  # before any work, as run_study builds it
+        pretrain_recipe(bad, planned_data(bad, plan_runs(bad)))
+
+
+def test_a_curriculum_is_part_of_the_folders_general_model(tmp_path):
+    out = tmp_path / "study"
+    plain = config(output_dir=str(out))
+    _claim(plain, plan_runs(plain))
+    (out / "study.json").write_text(json.dumps(  # a folder made before curricula: no such key
+        {k: v for k, v in json.loads((out / "study.json").read_text()).items() if k != "curriculum"}))
+    _claim(plain, plan_runs(plain))
+    taught = config(output_dir=str(out), curriculum=[{"kinds": ["count"]}])
+    with pytest.raises(StudyError, match="curriculum"):  # its runs were fine-tuned from another model
+        _claim(taught, plan_runs(taught))
 
 
 def test_the_question_rules_label_both_splits_and_leave_the_records_alone(tmp_path):

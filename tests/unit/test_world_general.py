@@ -78,7 +78,14 @@ def test_robot_general_questions_are_multiple_choice_but_describe(tmp_path):
             where = s.question.removeprefix("Which object is at the ").removesuffix(" of the table?")
             there = [name for name, quadrant in s.meta["where"].items() if quadrant == where]
             assert s.answer == (there[0] if there else NONE)
-        assert len(s.choices) == (5 if kind in ("which", "choose") else 4)
+        if kind == "gripper_state":
+            assert s.answer == ("open" if s.meta["gripper_open"] else "closed")
+        if kind in ("gripper_where", "target_where"):
+            assert s.answer == s.meta[kind]
+        if kind == "under_gripper":
+            assert s.answer == (s.meta["under_gripper"] or "nothing")
+        sizes = {"which": 5, "choose": 5, "under_gripper": 5, "gripper_state": 2}
+        assert len(s.choices) == sizes.get(kind, 4)
     # Every letter is an answer some of the time: a general model has said each before the benchmark.
     assert {s.correct for s in samples if s.choices} == set(range(5))
 

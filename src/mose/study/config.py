@@ -7,6 +7,7 @@ A study is YAML (`base:` inheritance and `key=value` overrides as for recipes):
     world: {domain: driving, pretrain_samples: 6000, train_samples: 6000, test_samples: 400}
     model: tiny:qwen2_vl            # a tiny model is first pretrained on the world's general kinds
     pretrain: {max_steps: 1200, lr: 2.0e-3, batch_size: 16}
+    curriculum: [{kinds: [count], max_steps: 600}]   # optional stages before it, on some kinds
     finetune: {epochs: 2, lr: 1.0e-3, batch_size: 16}        # the same for every method
     router: {labelled: 1000}        # MoSE's router stage: its own defaults train it to convergence
     seeds: [0, 1, 2]
@@ -37,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mose.data.world import DOMAINS
 from mose.eval.score import BENCHES, JUDGE_OPTIONS
 from mose.models.device import Placement, resolve_placement
 from mose.skills.rules import RuleAnnotator
@@ -145,6 +147,9 @@ class StudyConfig:
     question_taxonomy: str | None = None  # mose_question's skills; default: QUESTION_SKILLS[taxonomy]
     question_rules: str | None = None  # the rules that label them (shipped name or YAML); default: the same
     pretrain: dict | None = None  # backbone-stage options of the tiny model's pretraining
+    # Stages run before `pretrain`, each on the general records of its `kinds`; its other keys
+    # are backbone options over `pretrain`'s (README, "Calibration": the robot world needs it)
+    curriculum: list[dict] = field(default_factory=list)
     finetune: dict = field(default_factory=dict)  # training options every method's fine-tuning shares
     router: dict = field(default_factory=dict)  # router-stage options (MoSE): labelled, epochs, ...
     recipe: dict = field(default_factory=dict)  # recipe keys of every run: mixed_precision, data…
@@ -175,6 +180,7 @@ class StudyConfig:
                              "questions it is pretrained on) and 'pretrain' options")
         if self.pretrain is not None and not self.is_tiny:
             raise StudyError(f"'pretrain' is for tiny models; {self.model} is fine-tuned as it is")
+        self._check_curriculum()
         if not isinstance(self.recipe.get("data", {}), dict):
             raise StudyError("recipe.data must be a mapping of data options (max_length, max_pixels, ...)")
         shared = set(self.recipe) - {"mixed_precision", "dtype", "data"}
@@ -205,6 +211,22 @@ class StudyConfig:
             raise StudyError("MoSE methods need 'taxonomy' (driving, robot or a YAML file)")
         if self.uses_question_skills:
             self._check_question_skills()
+
+    def _check_curriculum(self) -> None:
+        """Each stage names general kinds its world asks (its training options the recipe checks)."""
+        if self.curriculum and self.pretrain is None:
+            raise StudyError("'curriculum' stages run before 'pretrain': they need a tiny model's "
+                             "pretraining")
+        known = DOMAINS[self.world.domain].GENERAL_KINDS if self.world else ()
+        for i, stage in enumerate(self.curriculum, 1):
+            kinds = stage.get("kinds") if isinstance(stage, dict) else None
+            if not kinds or not isinstance(kinds, list):
+                raise StudyError(f"curriculum.{i} needs 'kinds': a list of the world's general kinds "
+                                 f"({', '.join(known)})")
+            unknown = [k for k in kinds if k not in known]
+            if unknown:
+                raise StudyError(f"curriculum.{i}.kinds names {unknown[0]!r}; the {self.world.domain} "
+                                 f"world's general kinds are {', '.join(known)}")
 
     def _check_question_skills(self) -> None:
         """mose_question's taxonomy and rules, loaded (so checked) before any work."""

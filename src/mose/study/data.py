@@ -24,6 +24,7 @@ class StudyData:
     # holds one label, so each taxonomy has its own files)
     labelled_question: Path | None = None
     test_question: Path | None = None
+    curriculum: tuple[Path, ...] = ()  # the pretraining records of each curriculum stage's kinds
 
     def test_for(self, question_skills: bool) -> Path:
         """The test split a method answers and is scored on: labelled with its own taxonomy."""
@@ -53,6 +54,20 @@ def make_world(out: Path, domain: str, pretrain_n: int, train_n: int, test_n: in
         if not path.is_file():
             generate(domain, n, seed, path.parent, split, weights, progress=True)
     return data
+
+
+def curriculum_files(pretrain: Path, stages: int) -> tuple[Path, ...]:
+    """Where `write_curriculum` puts each stage's records: beside the pretraining file, whose
+    images they share."""
+    return tuple(pretrain.with_name(f"curriculum-{i}.jsonl") for i in range(1, stages + 1))
+
+
+def write_curriculum(pretrain: Path, paths: tuple[Path, ...], kinds: list[list[str]]) -> None:
+    """Each stage's records: the pretraining file's of its kinds (a file already there is kept)."""
+    samples = list(read_jsonl(pretrain))
+    for path, wanted in zip(paths, kinds, strict=True):
+        if not path.is_file():
+            write_jsonl(path, [s for s in samples if s.meta.get("question_kind") in wanted])
 
 
 def annotate_with_rules(train: Path, out: Path) -> Annotation:

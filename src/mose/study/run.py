@@ -34,8 +34,10 @@ from mose.study.data import (
     StudyData,
     annotate_questions,
     annotate_with_rules,
+    curriculum_files,
     make_world,
     world_files,
+    write_curriculum,
 )
 from mose.study.methods import METHODS, ORACLE_NOTE, final_stage
 from mose.study.runs import (
@@ -121,6 +123,7 @@ def planned_data(config: StudyConfig, specs: list[RunSpec]) -> StudyData:
     """Where the study's data is, or will be once `prepare_data` has made it."""
     if config.world is not None:
         data = world_files(config.out / "data")
+        data = replace(data, curriculum=curriculum_files(data.pretrain, len(config.curriculum)))
     else:
         data = StudyData(train=Path(config.data.train), test=Path(config.data.test),
                          labelled=Path(config.data.labelled) if config.data.labelled else None)
@@ -142,6 +145,7 @@ def prepare_data(config: StudyConfig, data: StudyData) -> Annotation | None:
     if config.world is not None:
         w = config.world
         make_world(config.out / "data", w.domain, w.pretrain_samples, w.train_samples, w.test_samples, w.seed)
+        write_curriculum(data.pretrain, data.curriculum, [stage["kinds"] for stage in config.curriculum])
     else:
         given = [data.train, data.test, *([data.labelled] if config.data.labelled else [])]
         missing = [path for path in given if not path.is_file()]
@@ -165,11 +169,16 @@ def _check_oracle_labels(config: StudyConfig, data: StudyData) -> None:
 
 
 def pretrain_recipe(config: StudyConfig, data: StudyData) -> Recipe:
-    """The tiny model's general pretraining: every weight, on the world's general questions only."""
+    """The tiny model's general pretraining: every weight, on the world's general questions only,
+    after the curriculum's stages (each on its kinds' records, with `pretrain`'s options under its own)."""
+    pretrain = {"stage": "backbone", "trainable": "all", **config.pretrain}
+    stages = {f"curriculum_{i}": {**pretrain, **{k: v for k, v in stage.items() if k != "kinds"},
+                                  "data": str(path)}
+              for i, (stage, path) in enumerate(zip(config.curriculum, data.curriculum, strict=True), 1)}
     return study_recipe(
         {**config.recipe, "model": config.model, "output_dir": str(config.out / "pretrain"),
          "seed": config.world.seed, "data": {**config.recipe.get("data", {}), "train": str(data.pretrain)},
-         "stages": {"pretrain": {"stage": "backbone", "trainable": "all", **config.pretrain}}},
+         "stages": {**stages, "pretrain": pretrain}},
         source=f"{config.source}: pretrain")
 
 
@@ -180,12 +189,15 @@ def _claim(config: StudyConfig, specs: list[RunSpec]) -> None:
     `mose_question`); a study without it, before or after, leaves them as they are.
     """
     path = config.out / SETTINGS_FILE
-    keys = ["model", "world", "data", "taxonomy"]  # the pretraining's stage checks its own settings
+    # The pretraining's stage checks its own settings; a curriculum added before it would not be
+    # seen there (the later stage is retrained, the runs from the old model kept), so it counts here.
+    keys = ["model", "world", "data", "taxonomy", "curriculum"]
     questions = ("question_taxonomy", "question_rules")
     if any(METHODS[s.method].question_skills for s in specs):
         keys += questions
     settings = {k: config.to_dict()[k] for k in keys}
     held = json.loads(path.read_text()) if path.is_file() else {}
+    held = {"curriculum": [], **held} if held else held  # a folder made before curricula had none
     # A key the folder lacks differs, but for the question labels' (a folder made before them).
     differ = [k for k in keys if held and (k in held or k not in questions) and held.get(k) != settings[k]]
     if differ:

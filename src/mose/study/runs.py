@@ -109,7 +109,8 @@ def run_recipe(config: StudyConfig, spec: RunSpec, data: StudyData, start: str) 
 
 
 # Where a study's own keys land in the recipes it writes: errors name the study's keys.
-STUDY_KEYS = {"stages.sft.": "finetune.", "stages.router.": "router.", "stages.pretrain.": "pretrain."}
+STUDY_KEYS = {"stages.sft.": "finetune.", "stages.router.": "router.", "stages.pretrain.": "pretrain.",
+              "stages.curriculum_": "curriculum."}
 
 
 def study_recipe(data: dict[str, Any], source: str) -> Recipe:

@@ -7,9 +7,13 @@ letter (`meta["answer_with"]`): the tiny model cannot learn to look a letter up
 
 The general kinds (`GENERAL_KINDS`: describe the scene, locate an object, say
 whether an object is there, count them, name the object in a quadrant, pick the
-option that says given words) are off unless a weight switches them on: the
-generic visual question answering a general VLM knows before it meets this
-benchmark (no gripper, grasp or motion question among them).
+option that says given words, and of the robot itself: the gripper's state and
+place, what lies under it, where the target zone is, which way an arrow points)
+are off unless a weight switches them on: the generic visual question answering
+a general VLM knows before it meets this benchmark. They look where its
+questions look, but never ask one (no grasp, success or motion question among
+them): a general model that never looked at the gripper gives SFT nothing to
+read there (README, "Calibration").
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ MOVES = {"move left": (-1, 0), "move right": (1, 0), "move forward": (0, -1),
 QUESTION_KINDS = ("gripper_open", "object_color", "closest", "task_success", "grasp_stable",
                   "graspable", "next_move", "place_move", "trajectory")
 # Drawn after the benchmark's kinds: at weight 0 the draw over those is what it was without them.
-GENERAL_KINDS = ("describe", "locate", "exists", "count", "which", "choose")
+GENERAL_KINDS = ("describe", "locate", "exists", "count", "which", "choose", "gripper_state",
+                 "gripper_where", "under_gripper", "target_where", "arrow_way")
 DEFAULT_WEIGHTS = dict.fromkeys(GENERAL_KINDS, 0.0)  # `generate` merges user weights over these
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+WAYS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # the arrow's, in the image
 NAMES = tuple(f"{c} {s}" for s in SHAPES for c in COLORS)  # every object the world can draw
 # What the benchmark's options say (the `choose` kind picks one by its words, never for a scene).
 PHRASES = (*YES_NO, *COLORS, *NAMES, *MOVES, "close the gripper",
@@ -226,6 +232,21 @@ def _general(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, lis
     if kind == "choose":  # reading the options: the one that says the given words
         phrase = rng.choice(PHRASES)
         return f"Pick the option: {phrase}", phrase, _five(rng, phrase, list(PHRASES))
+    if kind == "gripper_state":
+        state = "open" if scene.gripper_open else "closed"
+        return "Is the gripper open or closed?", state, ["open", "closed"]
+    if kind == "gripper_where":
+        return "Where is the gripper?", quadrant(*scene.gripper), list(QUADRANTS)
+    if kind == "target_where":
+        return "Where is the green target?", quadrant(*scene.target), list(QUADRANTS)
+    if kind == "under_gripper":
+        under = scene.under_gripper()
+        answer = under.name if under else "nothing"
+        return "What is under the gripper?", answer, _five(rng, answer, [*NAMES, "nothing"])
+    if kind == "arrow_way":  # the arrow of the benchmark's trajectory question, named as a direction
+        way = rng.choice(list(WAYS))
+        scene.arrow = WAYS[way]
+        return "Which way does the magenta arrow point?", way, list(WAYS)
     return "How many objects are on the table?", str(len(scene.things)), ["1", "2", "3", "4"]
 
 
@@ -258,6 +279,8 @@ def make_sample(rng: random.Random, sample_id: str, image_path: str,
     meta = {"domain": "robot", "question_kind": kind, "gripper_open": scene.gripper_open,
             "objects": [t.name for t in scene.things],
             "where": {t.name: quadrant(t.x, t.y) for t in scene.things},
+            "gripper_where": quadrant(*scene.gripper), "target_where": quadrant(*scene.target),
+            "under_gripper": getattr(scene.under_gripper(), "name", None),
             **({"answer_with": "text"} if choices else {})}
     sample = Sample(id=sample_id, images=[image_path], question=question, answer=answer, task=task,
                     choices=choices, correct=correct, skills=full_skills, meta=meta)
