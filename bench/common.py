@@ -63,17 +63,17 @@ def medians(variants: dict[str, Callable[[], object]], device: torch.device,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device,
-                params: list[torch.Tensor]) -> float:
+def peak_memory(fn: Callable[[], object], device: torch.device, model: torch.nn.Module) -> float:
     """MiB: peak allocated on CUDA; on the CPU, the tensors autograd saves for backward
-    (activations, not counting parameters), which is what training memory grows with."""
+    (activations, not counting any of the model's weights: a frozen weight that a matmul saves
+    for its input gradient is held anyway), which is what training memory grows with."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(device) / 2**20
-    weights = {p.untyped_storage().data_ptr() for p in params}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:

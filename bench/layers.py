@@ -100,7 +100,7 @@ def main() -> None:
                     runs[f"{name} (compiled)"] = step(variants[name][0], x, False, compiled=True)
             with torch.set_grad_enabled(backward):
                 times = medians(runs, device, args.repeats, args.warmup)
-                mem = {name: peak_memory(runs[name], device, list(m.parameters()))
+                mem = {name: peak_memory(runs[name], device, m)
                        for name, (m, _) in variants.items()}  # compiled forwards save nothing either
             base = times["dense FFN"]
             rows = [[name, f"{times[name] * 1e3:.2f}", times[name] / base, ideal,

@@ -83,7 +83,7 @@ def main() -> None:
             freeze_all_but(model, sft_plan("sft", model, SFTStage(), dataset).trainable)
     steps = {name: step_fn(model, answer_objective(model), batch) for name, model in models.items()}
     times = medians({name: step for name, (step, _) in steps.items()}, device, args.repeats, args.warmup)
-    saved = {name: peak_memory(step, device, params) for name, (step, params) in steps.items()}
+    saved = {name: peak_memory(step, device, models[name]) for name, (step, _) in steps.items()}
 
     print(f"# LoRA experts' cost — hidden {widths['hidden_size']}, FFN {widths['intermediate_size']}, "
           f"{args.layers} layers (MoSE on the even ones), rank {args.rank}, batch {args.batch} of "

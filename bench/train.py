@@ -136,9 +136,9 @@ def main() -> None:
                 "dense SFT (same FFNs)": dense_step, "MoSE SFT": moe_step,
                 "token MoE 4x1 +shared SFT": token_step, "collate a batch": collate}
     times = medians(variants, device, args.repeats, args.warmup)
-    memory = {name: peak_memory(fn, device, params) for name, fn, params in (
-        ("router step", router_step, router_params), ("dense SFT (same FFNs)", dense_step, dense_params),
-        ("MoSE SFT", moe_step, moe_params), ("token MoE 4x1 +shared SFT", token_step, token_params))}
+    memory = {name: peak_memory(fn, device, model) for name, fn, model in (
+        ("router step", router_step, router_model), ("dense SFT (same FFNs)", dense_step, dense),
+        ("MoSE SFT", moe_step, moe), ("token MoE 4x1 +shared SFT", token_step, token_moe))}
     trained = {"router step": router_params, "dense SFT (same FFNs)": dense_params,
                "MoSE SFT": moe_params, "token MoE 4x1 +shared SFT": token_params}
 
