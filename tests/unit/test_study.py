@@ -342,14 +342,16 @@ def test_a_curriculum_pretrains_on_its_kinds_first_with_the_pretrainings_options
     study = config(output_dir=str(tmp_path / "study"), world={"domain": "robot"},
                    pretrain={"max_steps": 20, "lr": 5e-4, "batch_size": 4},
                    curriculum=[{"kinds": ["count"], "max_steps": 8},
-                               {"kinds": ["count", "gripper_state"], "lr": 1e-3}])
+                               {"kinds": ["count", "gripper_state"], "lr": 1e-3},
+                               {"kinds": ["locate"], "epochs": 2}])
     data = planned_data(study, plan_runs(study))
     recipe = pretrain_recipe(study, data)
-    assert list(recipe.stages) == ["curriculum_1", "curriculum_2", "pretrain"]
-    first, second, last = recipe.stages.values()
+    assert list(recipe.stages) == ["curriculum_1", "curriculum_2", "curriculum_3", "pretrain"]
+    first, second, third, last = recipe.stages.values()
     assert (first.max_steps, first.lr, first.batch_size, first.trainable) == (8, 5e-4, 4, "all")
     assert (second.max_steps, second.lr) == (20, 1e-3)
-    assert [first.data, second.data, last.data] == [*map(str, data.curriculum), None]  # last: data.train
+    assert (third.epochs, third.max_steps) == (2, None)  # its own bound, not the pretraining's steps
+    assert [first.data, second.data, third.data, last.data] == [*map(str, data.curriculum), None]
     assert recipe.data.train == str(data.pretrain)
     # Each stage's records are the general file's of its kinds, beside it (its images are theirs).
     generate("robot", 120, seed=0, out=data.pretrain.parent, split="pretrain",

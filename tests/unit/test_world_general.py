@@ -82,6 +82,8 @@ def test_robot_general_questions_are_multiple_choice_but_describe(tmp_path):
             assert s.answer == ("open" if s.meta["gripper_open"] else "closed")
         if kind in ("gripper_where", "target_where"):
             assert s.answer == s.meta[kind]
+        if kind == "arrow_way":
+            assert s.answer in ("left", "right", "up", "down")
         if kind == "under_gripper":
             assert s.answer == (s.meta["under_gripper"] or "nothing")
         sizes = {"which": 5, "choose": 5, "under_gripper": 5, "gripper_state": 2}

@@ -172,14 +172,21 @@ def pretrain_recipe(config: StudyConfig, data: StudyData) -> Recipe:
     """The tiny model's general pretraining: every weight, on the world's general questions only,
     after the curriculum's stages (each on its kinds' records, with `pretrain`'s options under its own)."""
     pretrain = {"stage": "backbone", "trainable": "all", **config.pretrain}
-    stages = {f"curriculum_{i}": {**pretrain, **{k: v for k, v in stage.items() if k != "kinds"},
-                                  "data": str(path)}
+    stages = {f"curriculum_{i}": {**_under(pretrain, stage), "data": str(path)}
               for i, (stage, path) in enumerate(zip(config.curriculum, data.curriculum, strict=True), 1)}
     return study_recipe(
         {**config.recipe, "model": config.model, "output_dir": str(config.out / "pretrain"),
          "seed": config.world.seed, "data": {**config.recipe.get("data", {}), "train": str(data.pretrain)},
          "stages": {**stages, "pretrain": pretrain}},
         source=f"{config.source}: pretrain")
+
+
+def _under(pretrain: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+    """A curriculum stage's options over the pretraining's; a stage that bounds its own length
+    (`epochs` or `max_steps`) drops the pretraining's bound, which would otherwise override epochs."""
+    bounds = {"epochs", "max_steps"}
+    inherited = {k: v for k, v in pretrain.items() if not (bounds & stage.keys() and k in bounds)}
+    return {**inherited, **{k: v for k, v in stage.items() if k != "kinds"}}
 
 
 def _claim(config: StudyConfig, specs: list[RunSpec]) -> None:
