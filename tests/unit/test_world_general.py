@@ -1,5 +1,8 @@
 """The worlds' general kinds (pretraining data): off by default, canonical, never a benchmark question."""
 
+import random
+import re
+
 import pytest
 
 from mose.data import read_jsonl
@@ -13,7 +16,8 @@ from mose.data.world.driving import (
     describe,
     place,
 )
-from mose.data.world.robot import NONE
+from mose.data.world.robot import NONE, Scene, _general
+from mose.data.world.robot import Thing as RobotThing
 from mose.data.world.robot import PHRASES as ROBOT_PHRASES
 from mose.skills.rules import RuleAnnotator
 
@@ -86,10 +90,31 @@ def test_robot_general_questions_are_multiple_choice_but_describe(tmp_path):
             assert s.answer in ("left", "right", "up", "down")
         if kind == "under_gripper":
             assert s.answer == (s.meta["under_gripper"] or "nothing")
-        sizes = {"which": 5, "choose": 5, "under_gripper": 5, "gripper_state": 2}
+        sizes = {"which": 5, "choose": 5, "under_gripper": 5, "gripper_state": 2, "relative": 2}
         assert len(s.choices) == sizes.get(kind, 4)
     # Every letter is an answer some of the time: a general model has said each before the benchmark.
     assert {s.correct for s in samples if s.choices} == set(range(5))
+
+
+def test_robot_relations_read_the_positions_and_skip_shared_spots():
+    # Cube top left, ball top right under the gripper, target bottom left.
+    scene = Scene([RobotThing("cube", "red", 14, 14), RobotThing("ball", "blue", 98, 14)], gripper=(98, 14),
+                  gripper_open=True, target=(14, 98))
+    truth = {("the red cube", "the blue ball"): ("left", None), ("the red cube", "the gripper"): ("left", None),
+             ("the red cube", "the green target"): (None, "above"),
+             ("the blue ball", "the green target"): ("right", "above"),
+             ("the gripper", "the green target"): ("right", "above")}
+    truth |= {(b, a): ({"left": "right", "right": "left"}.get(x), {"above": "below"}.get(y))
+              for (a, b), (x, y) in truth.items()}
+    asked = set()
+    for seed in range(200):
+        question, answer, options = _general(random.Random(seed), scene, "relative")
+        a, b = re.fullmatch(r"Is (.+?) (?:to the left or to the right of|above or below) (.+)\?",
+                            question).groups()
+        horizontal, vertical = truth[a, b]  # the ball and the gripper share a spot: never paired
+        assert answer == (horizontal if "left or" in question else vertical) and answer in options
+        asked.add((a, b, "left or" in question))
+    assert len(asked) == 14  # both orders of every pair, both axes where both differ
 
 
 def test_a_question_that_names_the_key_objects_lane_means_only_it(tmp_path):

@@ -8,7 +8,8 @@ letter (`meta["answer_with"]`): the tiny model cannot learn to look a letter up
 The general kinds (`GENERAL_KINDS`: describe the scene, locate an object, say
 whether an object is there, count them, name the object in a quadrant, pick the
 option that says given words, and of the robot itself: the gripper's state and
-place, what lies under it, where the target zone is, which way an arrow points)
+place, what lies under it, where the target zone is, which way an arrow points;
+and how two of object, gripper and target lie, along one axis at a time)
 are off unless a weight switches them on: the generic visual question answering
 a general VLM knows before it meets this benchmark. They look where its
 questions look, but never ask one (no grasp, success or motion question among
@@ -37,7 +38,7 @@ QUESTION_KINDS = ("gripper_open", "object_color", "closest", "task_success", "gr
                   "graspable", "next_move", "place_move", "trajectory")
 # Drawn after the benchmark's kinds: at weight 0 the draw over those is what it was without them.
 GENERAL_KINDS = ("describe", "locate", "exists", "count", "which", "choose", "gripper_state",
-                 "gripper_where", "under_gripper", "target_where", "arrow_way")
+                 "gripper_where", "under_gripper", "target_where", "arrow_way", "relative")
 DEFAULT_WEIGHTS = dict.fromkeys(GENERAL_KINDS, 0.0)  # `generate` merges user weights over these
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 WAYS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # the arrow's, in the image
@@ -247,7 +248,22 @@ def _general(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, lis
         way = rng.choice(list(WAYS))
         scene.arrow = WAYS[way]
         return "Which way does the magenta arrow point?", way, list(WAYS)
+    if kind == "relative":
+        return _relative(rng, scene)
     return "How many objects are on the table?", str(len(scene.things)), ["1", "2", "3", "4"]
+
+
+def _relative(rng: random.Random, scene: Scene) -> tuple[str, str, list[str]]:
+    """How two of the scene's things lie along one axis: the relation a move reads, asked
+    without the benchmark's computation (which axis is larger, which move, when to stop)."""
+    places = [(f"the {t.name}", (t.x, t.y)) for t in scene.things]
+    places += [("the gripper", scene.gripper), ("the green target", scene.target)]
+    pairs = [(a, b) for a in places for b in places if a[1] != b[1]]  # one spot has no relation
+    (a, (ax, ay)), (b, (bx, by)) = rng.choice(pairs)
+    if ax != bx and (ay == by or rng.random() < 0.5):
+        side = "left" if ax < bx else "right"
+        return f"Is {a} to the left or to the right of {b}?", side, ["left", "right"]
+    return f"Is {a} above or below {b}?", "above" if ay < by else "below", ["above", "below"]
 
 
 def _benchmark(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, list[str], int]:
