@@ -84,6 +84,23 @@ def test_backbone_then_token_moe_and_dense_ffn(tmp_path, world):
     assert changed and all(".mlp." in n for n in changed) and layers == {"0", "2", "4"}
 
 
+def test_the_vision_tower_trains_at_its_own_lr(tmp_path, world):
+    # AdamW's first step moves every weight with a gradient by about its lr (m / sqrt(v) is
+    # the gradient's sign), so the largest move in each part is that part's lr.
+    lr, vision_lr = 1e-3, 1e-6
+    stages = {"pretrain": {"stage": "backbone", **FAST, "max_steps": 1, "schedule": "constant",
+                           "warmup_ratio": 0.0, "lr": lr, "trainable": "all", "vision_lr": vision_lr}}
+    train(recipe(tmp_path, world, stages), progress=False)
+    old = params(mose.tiny_model("qwen2_vl", seed=0)[0])
+    new = params(load_model(str(tmp_path / "run" / "pretrain"))[0])
+
+    def largest_move(vision: bool) -> float:
+        return max((new[n] - old[n]).abs().max().item() for n in old if n.startswith("model.visual.") == vision)
+
+    assert largest_move(vision=True) == pytest.approx(vision_lr, rel=0.02)
+    assert largest_move(vision=False) == pytest.approx(lr, rel=0.02)
+
+
 def test_trained_directory_reloads_and_generates_with_skill_chains(tmp_path, world):
     train(recipe(tmp_path, world, mose_stages()), progress=False)
     model, processor = load_model(str(tmp_path / "run" / "sft"))
@@ -170,6 +187,8 @@ def test_recipe_errors_name_the_key_before_any_work(tmp_path, world):
         recipe(tmp_path, world, {"convert": {"mose": {}}, "sft": {"batch_size": 0}})
     with pytest.raises(RecipeError, match="stages.sft.lr is nan"):
         recipe(tmp_path, world, {"convert": {"mose": {}}, "sft": {"lr": "nan"}})
+    with pytest.raises(RecipeError, match="test.yaml: stages.pre.vision_lr is 1e-05 but trainable is 'language'"):
+        recipe(tmp_path, world, {"pre": {"stage": "backbone", "vision_lr": 1e-5}})
     with pytest.raises(RecipeError, match="data.fraction is 0.0"):
         recipe(tmp_path, world, {"convert": {"mose": {}}}, data={"train": world, "fraction": 0})
     with pytest.raises(RecipeError, match="stage 'sft': sft needs a converted model"):

@@ -56,6 +56,8 @@ class StagePlan:
     trainable: list[nn.Module]  # modules whose parameters train; everything else is frozen
     objective: Objective
     frozen: list[nn.Module] = field(default_factory=list)  # parts of those that stay frozen
+    # parts of those that train at their own peak lr (the schedule scales it as it scales options.lr)
+    own_lr: list[tuple[nn.Module, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # filled by the loop: the last logged values
 
 
@@ -102,7 +104,7 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
     freeze_all_but(model, plan.trainable, plan.frozen)
     order = BatchOrder(len(plan.dataset), opts.batch_size, opts.grad_accum, acc.num_processes, ctx.seed)
     total = order.total_steps(opts.epochs, opts.max_steps)
-    optimizer = adamw(_param_groups(model, acc), opts.lr, opts.weight_decay)
+    optimizer = adamw(_param_groups(model, acc, plan.own_lr), opts.lr, opts.weight_decay)
     scheduler = get_scheduler(SCHEDULES[opts.schedule], optimizer,
                               num_warmup_steps=math.ceil(opts.warmup_ratio * total),
                               num_training_steps=total)
@@ -239,13 +241,20 @@ def narrow_fsdp_wrap(plugin: Any, model: nn.Module) -> list[str]:
     return kept
 
 
-def _param_groups(model: nn.Module, acc: Accelerator) -> list[dict[str, list[nn.Parameter]]]:
-    """The trainable parameters; under FSDP2 those it leaves whole in a group of their own,
-    as the fused step runs per group and cannot mix sharded and plain tensors."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def _param_groups(model: nn.Module, acc: Accelerator,
+                  own_lr: list[tuple[nn.Module, float]] = ()) -> list[dict]:
+    """The trainable parameters in optimizer groups: one per peak lr (`own_lr`'s modules at
+    theirs, the rest at the optimizer's default), and under FSDP2 those it leaves whole in
+    groups of their own, as the fused step runs per group and cannot mix sharded and plain tensors."""
+    lr_of = {id(p): lr for module, lr in own_lr for p in module.parameters()}
     whole = {id(p) for m in replicated_modules(model) for p in m.parameters()} if acc.is_fsdp2 else set()
-    groups = [[p for p in trainable if id(p) not in whole], [p for p in trainable if id(p) in whole]]
-    return [{"params": g} for g in groups if g]
+    groups: dict[tuple[float | None, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((lr_of.get(id(p)), id(p) in whole), []).append(p)
+    # Sharded groups first, as before there were lr groups (resume states keep their order).
+    ordered = sorted(groups.items(), key=lambda item: item[0][1])
+    return [{"params": ps} if lr is None else {"params": ps, "lr": lr} for (lr, _), ps in ordered]
 
 
 def adamw(params: list[nn.Parameter] | list[dict], lr: float, weight_decay: float) -> torch.optim.AdamW:

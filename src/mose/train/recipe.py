@@ -85,6 +85,14 @@ class BackboneStage(TrainOptions):
     stage: Literal["backbone"] = "backbone"
     trainable: Literal["all", "language", "ffn"] = "language"  # language: all but the vision tower
     layers: str | list[int] = "even"  # whose FFNs train with trainable=ffn (MoSE's layers by default)
+    vision_lr: float | None = None  # the vision tower's own peak lr with trainable=all (None: lr)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, vision_lr=(0.0, None, False))
+        if self.vision_lr is not None and self.trainable != "all":
+            raise RecipeError(f"vision_lr is {self.vision_lr} but trainable is {self.trainable!r}: "
+                             "only trainable: all trains the vision tower")
 
 
 @dataclass

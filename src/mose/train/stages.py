@@ -23,6 +23,7 @@ from mose.train.recipe import BackboneStage, SFTStage
 def backbone_plan(name: str, model: nn.Module, stage: BackboneStage, dataset: EncodedDataset) -> StagePlan:
     arch = arch_of(model)
     frozen: list[nn.Module] = []
+    own_lr: list[tuple[nn.Module, float]] = []
     if stage.trainable == "ffn":
         layers = arch.layers(model)
         trainable = [layers[i].mlp for i in resolve_layers(stage.layers, len(layers))]
@@ -31,7 +32,11 @@ def backbone_plan(name: str, model: nn.Module, stage: BackboneStage, dataset: En
         vision = arch.vision_tower(model)
         if stage.trainable == "language" and vision is not None:
             frozen = [vision]
-    return StagePlan(name, stage, dataset, trainable, answer_objective(model), frozen=frozen)
+        if stage.vision_lr is not None:
+            if vision is None:
+                raise ValueError(f"stage {name!r}: vision_lr is set but the model has no vision tower")
+            own_lr = [(vision, stage.vision_lr)]
+    return StagePlan(name, stage, dataset, trainable, answer_objective(model), frozen=frozen, own_lr=own_lr)
 
 
 def sft_plan(name: str, model: nn.Module, stage: SFTStage, dataset: EncodedDataset) -> StagePlan:
