@@ -17,8 +17,8 @@ from mose.data.world.driving import (
     place,
 )
 from mose.data.world.robot import NONE, Scene, _general
-from mose.data.world.robot import Thing as RobotThing
 from mose.data.world.robot import PHRASES as ROBOT_PHRASES
+from mose.data.world.robot import Thing as RobotThing
 from mose.skills.rules import RuleAnnotator
 
 
@@ -100,7 +100,8 @@ def test_robot_relations_read_the_positions_and_skip_shared_spots():
     # Cube top left, ball top right under the gripper, target bottom left.
     scene = Scene([RobotThing("cube", "red", 14, 14), RobotThing("ball", "blue", 98, 14)], gripper=(98, 14),
                   gripper_open=True, target=(14, 98))
-    truth = {("the red cube", "the blue ball"): ("left", None), ("the red cube", "the gripper"): ("left", None),
+    truth = {("the red cube", "the blue ball"): ("left", None),
+             ("the red cube", "the gripper"): ("left", None),
              ("the red cube", "the green target"): (None, "above"),
              ("the blue ball", "the green target"): ("right", "above"),
              ("the gripper", "the green target"): ("right", "above")}
