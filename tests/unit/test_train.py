@@ -190,6 +190,9 @@ def test_recipe_errors_name_the_key_before_any_work(tmp_path, world):
         recipe(tmp_path, world, {"convert": {"mose": {}}, "sft": {"lr": "nan"}})
     with pytest.raises(RecipeError, match="test.yaml: stages.pre.vision_lr is 1e-05 but trainable is 'lang"):
         recipe(tmp_path, world, {"pre": {"stage": "backbone", "vision_lr": 1e-5}})
+    with pytest.raises(RecipeError, match="stage 'pre': vision_lr is set, but qwen2 has no vision tower"):
+        train(recipe(tmp_path, world, {"pre": {"stage": "backbone", "trainable": "all", "vision_lr": 1e-5}},
+                     model="tiny:qwen2"))
     with pytest.raises(RecipeError, match="data.fraction is 0.0"):
         recipe(tmp_path, world, {"convert": {"mose": {}}}, data={"train": world, "fraction": 0})
     with pytest.raises(RecipeError, match="stage 'sft': sft needs a converted model"):

@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -242,7 +242,7 @@ def narrow_fsdp_wrap(plugin: Any, model: nn.Module) -> list[str]:
 
 
 def _param_groups(model: nn.Module, acc: Accelerator,
-                  own_lr: list[tuple[nn.Module, float]] = ()) -> list[dict]:
+                  own_lr: Sequence[tuple[nn.Module, float]] = ()) -> list[dict]:
     """The trainable parameters in optimizer groups: one per peak lr (`own_lr`'s modules at
     theirs, the rest at the optimizer's default), and under FSDP2 those it leaves whole in
     groups of their own, as the fused step runs per group and cannot mix sharded and plain tensors."""

@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, se
 from rich.console import Console
 from transformers.utils import logging as transformers_logging
 
+from mose.arch import ARCHS
 from mose.convert import convert
 from mose.data import Sample
 from mose.data.collate import Collator, EncodedDataset, SampleEncoder
@@ -227,6 +228,10 @@ def check_recipe(recipe: Recipe) -> dict[str, StageData]:
             continue
         if isinstance(stage, BackboneStage) and converted:
             raise RecipeError(f"{where}: backbone trains the dense model; put it before the convert stage")
+        # (the model is dense here; a Hub id's type is unknown until it loads)
+        if isinstance(stage, BackboneStage) and stage.vision_lr is not None and model_type \
+                and ARCHS[model_type].vision_path is None:
+            raise RecipeError(f"{where}: vision_lr is set, but {model_type} has no vision tower")
         if isinstance(stage, RouterStage | SFTStage) and not converted:
             raise RecipeError(f"{where}: {stage.stage} needs a converted model; put a convert stage "
                               "before it (or start from a converted model directory)")

@@ -33,7 +33,7 @@ def backbone_plan(name: str, model: nn.Module, stage: BackboneStage, dataset: En
         if stage.trainable == "language" and vision is not None:
             frozen = [vision]
         if stage.vision_lr is not None:
-            if vision is None:
+            if vision is None:  # a Hub model, which the recipe check could not look at
                 raise ValueError(f"stage {name!r}: vision_lr is set but the model has no vision tower")
             own_lr = [(vision, stage.vision_lr)]
     return StagePlan(name, stage, dataset, trainable, answer_objective(model), frozen=frozen, own_lr=own_lr)
