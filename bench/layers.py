@@ -30,6 +30,7 @@ def build_variants(hidden: int, inter: int, device, dtype):
     variants = {"dense FFN": (dense, 1.0)}
     for name, cfg, ideal in [
         ("MoSE shared+top1", MoSEConfig(), 2.0),
+        (ONE_ROUTE, MoSEConfig(), 2.0),
         ("MoSE groups shared+top1", MoSEConfig(modality_groups=True), 2.0),
     ]:
         variants[name] = (mose_block(dense, cfg, RoutingState(), 0, 0), ideal)
@@ -47,6 +48,12 @@ def build_variants(hidden: int, inter: int, device, dtype):
     return variants
 
 
+# A batch whose samples share one route, known on the host: what `mose predict`'s route groups
+# decode (`Route.common`). The other MoSE rows spread the batch over 5 skills, so a decode step
+# reads 1 + 5 FFNs' weights where the FLOP ideal counts 2.
+ONE_ROUTE = "MoSE shared+top1, one route"
+
+
 def prepare(module, x: torch.Tensor, num_skills: int = 5) -> None:
     """Give a block its routing inputs: samples spread over skills, a quarter image tokens."""
     state = getattr(module, "state", None)
@@ -58,13 +65,19 @@ def prepare(module, x: torch.Tensor, num_skills: int = 5) -> None:
                 skill_labels=torch.arange(batch, device=x.device).remainder(num_skills)[:, None])
 
 
-COMPILED = ("dense FFN", "MoSE shared+top1", "token MoE 4x1 +shared")  # --compile's rows
+COMPILED = ("dense FFN", "MoSE shared+top1", ONE_ROUTE, "token MoE 4x1 +shared")  # --compile's rows
 
 
-def step(module, x: torch.Tensor, backward: bool, compiled: bool = False):
+def step(module, x: torch.Tensor, backward: bool, compiled: bool = False,
+         common: tuple[int, ...] | None = None):
+    """One call of a variant; `common`: the experts the whole batch shares, told to its route
+    as route groups do (compiled rows are not told: a compiled block dispatches on the device
+    whatever the route, so that one graph serves every route)."""
     def run():
         if hasattr(module, "observe"):
             module.observe(x)
+            if common is not None:
+                module.state.routes[module.layer_idx].common = common
         out = module(x)
         if backward:
             module.zero_grad(set_to_none=True)  # as an optimizer step would leave them
@@ -89,10 +102,11 @@ def main() -> None:
     for batch, seq in shapes:
         for backward in ((False, True) if seq > 1 else (False,)):
             x = torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=backward)
-            for module, _ in variants.values():
+            for name, (module, _) in variants.items():
                 module.requires_grad_(backward)
-                prepare(module, x)
-            runs = {name: step(m, x, backward) for name, (m, _) in variants.items()}
+                prepare(module, x, num_skills=1 if name == ONE_ROUTE else 5)
+            common = {ONE_ROUTE: (0,)}
+            runs = {name: step(m, x, backward, common=common.get(name)) for name, (m, _) in variants.items()}
             shown = dict(variants)
             if args.compile and not backward:
                 for name in COMPILED:

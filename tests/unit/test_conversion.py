@@ -83,6 +83,22 @@ def test_experts_by_sample_and_by_token_agree(tiny):
     torch.testing.assert_close(by_sample[1], manual, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chosen", [[[2], [2], [2]], [[1, 3], [3, 1], [1, 3]]], ids=["top1", "top2"])
+def test_experts_shared_by_the_whole_batch_run_without_dispatch_as_by_sample(tiny, chosen):
+    """A decode batch of one route (its experts known on the host) takes the plain-FFN path;
+    with top-2 the slots' order differs between samples and each keeps its own weights."""
+    model, _ = tiny("qwen2")
+    experts = Experts.upcycle(model.model.layers[0].mlp, 4)
+    with torch.no_grad():
+        experts.down_proj.normal_()  # make the experts differ
+    x = torch.randn(3, 2, 128)
+    chosen = torch.tensor(chosen)
+    weights = torch.rand(chosen.shape) if chosen.shape[1] > 1 else torch.ones(3, 1)
+    common = tuple(sorted(set(chosen[0].tolist())))
+    torch.testing.assert_close(experts.by_common(x, common, chosen, weights),
+                               experts.by_sample(x, chosen, weights), atol=1e-5, rtol=1e-5)
+
+
 def test_parameter_counts_match_the_design(tiny):
     """Per MoSE layer: a shared expert + one expert per skill (x2 with groups) + router."""
     model, _ = tiny("qwen2")

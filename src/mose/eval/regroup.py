@@ -185,10 +185,14 @@ class RouteGroupDecoder:
         device = layers[0][0].device
         lengths = torch.tensor([s.length for s in slots], device=device)
         mask = (torch.arange(longest, device=device) >= longest - lengths[:, None]).long()  # (B, L)
+        # Every slot came from one route's queue: its key says, on the host, which experts
+        # each layer runs for the whole batch (the key lists layers in order, experts sorted).
+        key = slots[0].key
         routes = {i: Route(torch.cat([s.route[i].experts for s in slots]),
                            torch.cat([s.route[i].weights for s in slots]),
-                           torch.cat([s.route[i].probs for s in slots]))
-                  for i in slots[0].route}
+                           torch.cat([s.route[i].probs for s in slots]),
+                           common=key[j])
+                  for j, i in enumerate(sorted(slots[0].route))}
         cache = DynamicCache(ddp_cache_data=layers, config=self.model.config.get_text_config())
         return cache, mask, routes
 

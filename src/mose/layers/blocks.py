@@ -136,8 +136,12 @@ class MoSEBlock(ExpertBlock):
         if self.modality_groups:
             routed = self._by_modality(x, route)
         else:
-            plan = route.dispatch(self.experts.num_experts)
-            routed = self.experts.by_sample(x, route.experts, route.weights, plan)
+            if route.common is not None and not torch.compiler.is_compiling():
+                # A compiled graph keeps the dispatch: host ints would recompile it per route.
+                routed = self.experts.by_common(x, route.common, route.experts, route.weights)
+            else:
+                plan = route.dispatch(self.experts.num_experts)
+                routed = self.experts.by_sample(x, route.experts, route.weights, plan)
             self._record(route.experts[:, None, :].expand(-1, x.shape[1], -1))  # (B, T, k)
         return self.with_shared(routed, x)
 

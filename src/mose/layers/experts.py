@@ -198,6 +198,24 @@ class Experts(nn.Module):
         out = ys.index_select(0, plan.inverse)  # (B·k, T, H)
         return out.view(batch, seq, hidden) if k == 1 else out.view(batch, k, seq, hidden).sum(1)
 
+    def by_common(self, x: torch.Tensor, common: tuple[int, ...], experts: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+        """Every sample goes to the same experts, `common` (host ints): each runs on the whole
+        batch as a plain FFN, with no sort, gather or grouped matmul. A decode step reads each
+        expert's weights once either way; what this saves is the dispatch's dozen small ops.
+
+        x: (B, T, H); experts, weights: (B, k), every row a permutation of `common`.
+        """
+        if len(common) == 1 and not weights.requires_grad:  # top-1's weight is 1 in value
+            return self.expert(common[0], x)
+        out = None  # summed in the experts' output dtype (bf16 under autocast), as by_sample does
+        for e in common:
+            w = (weights * (experts == e)).sum(dim=1)  # (B,): this expert's weight per sample
+            y = self.expert(e, x)
+            y = y * w[:, None, None].to(y.dtype)
+            out = y if out is None else out + y
+        return out
+
     def by_token(self, x: torch.Tensor, experts: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
         """Each token goes to its own experts.
