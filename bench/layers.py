@@ -109,6 +109,9 @@ def main() -> None:
             runs = {name: step(m, x, backward, common=common.get(name)) for name, (m, _) in variants.items()}
             shown = dict(variants)
             if args.compile and not backward:
+                # Every variant's `run` is one code object to dynamo, whose recompile limit
+                # (8) the rows of all shapes together pass: start each shape afresh.
+                torch._dynamo.reset()
                 for name in COMPILED:
                     shown[f"{name} (compiled)"] = variants[name]
                     runs[f"{name} (compiled)"] = step(variants[name][0], x, False, compiled=True)
