@@ -136,8 +136,9 @@ class MoSEBlock(ExpertBlock):
         if self.modality_groups:
             routed = self._by_modality(x, route)
         else:
-            if route.common is not None and not torch.compiler.is_compiling():
-                # A compiled graph keeps the dispatch: host ints would recompile it per route.
+            if not torch.compiler.is_compiling() and route.common is not None:
+                # A compiled graph keeps the dispatch and never reads `common`: guarding on
+                # its host ints would recompile the graph for every route.
                 routed = self.experts.by_common(x, route.common, route.experts, route.weights)
             else:
                 plan = route.dispatch(self.experts.num_experts)
