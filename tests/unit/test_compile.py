@@ -195,7 +195,6 @@ def test_a_compiled_block_ignores_a_route_told_on_the_host():
     block runs them as plain FFNs, compiled it keeps the dispatch: no recompiling per route."""
     block = block_for("top1")
     backend = CompileCounterWithBackend("aot_eager")
-
     compiled = torch.compile(block, backend=backend, fullgraph=True)
     for skill in range(3):
         x = inputs(skill)
