@@ -57,9 +57,9 @@ class Route:
     probs: torch.Tensor  # (B, S) float32: router probabilities over the level's skills
     plan: Dispatch | None = None  # samples grouped by expert: made once, reused at every decode step
     # The experts every sample of the batch routes to, sorted, when the host knows it (a decode
-    # batch of one route, `mose.eval.regroup`): full-expert blocks without modality groups then
-    # run them on the whole batch, with no dispatch (the others, and compiled graphs, dispatch
-    # as always). None: samples may differ (the experts are only on the device).
+    # batch of one route, `mose.eval.regroup`): blocks without modality groups then run them on
+    # the whole batch, with no dispatch (blocks with groups, and compiled graphs, dispatch as
+    # always). None: samples may differ (the experts are only on the device).
     common: tuple[int, ...] | None = None
 
     def dispatch(self, num_experts: int) -> Dispatch:

@@ -168,6 +168,24 @@ def test_batched_deltas_equal_each_samples_dense_delta():
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("experts", [[[3], [3], [3]], [[0, 4], [4, 0], [0, 4]]], ids=["top1", "top2"])
+def test_deltas_shared_by_the_whole_batch_equal_by_sample(experts):
+    """A decode batch of one route (its experts known on the host) applies plain LoRA deltas;
+    with top-2 the slots' order differs between samples and each keeps its own weights."""
+    torch.manual_seed(0)
+    deltas = LoRAExperts(5, 16, 24, rank=3, alpha=6.0)
+    with torch.no_grad():
+        for target in deltas.targets:
+            deltas.B(target).normal_()
+    experts = torch.tensor(experts)  # (B, k)
+    weights = torch.rand(experts.shape) if experts.shape[1] > 1 else torch.ones(3, 1)
+    common = tuple(sorted(set(experts[0].tolist())))
+    got, want = deltas.by_common(common, experts, weights), deltas.by_sample(experts, weights)
+    for target, d_in in (("gate", 16), ("up", 16), ("down", 24)):
+        z = torch.randn(3, 7, d_in)  # (B, T, in)
+        torch.testing.assert_close(got(target, z), want(target, z), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
 def test_routes_and_logits_ignore_batch_mates_padding_length_and_side(tiny, kind):
     _, model, processor = converted(tiny, kind, spread=spread4)

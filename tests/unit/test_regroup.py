@@ -88,6 +88,20 @@ def test_route_groups_answer_as_each_prompt_alone_with_one_route_per_step(model)
     assert len(lengths) > 1  # answers ended at different steps
 
 
+def test_route_groups_of_lora_experts_answer_as_each_prompt_alone():
+    """LoRA-MoSE decode batches run their one route's deltas without per-sample gathers."""
+    dense, _ = mose.tiny_model("qwen2", seed=0)
+    model = mose.convert(dense, mose.MoSEConfig(taxonomy="robot", experts="lora", lora_rank=4)).eval()
+    distinct_experts(model, scale=5.0)  # LoRA's B starts at zero: deltas big enough to show
+    rows = prompts()
+    sharpen_routers(model, seed=1, spread=left_padded(rows))
+    config = end_token_config(model, rows)
+    decoder, answers, _ = decode_all(model, rows, config, batch_size=3)
+    assert len(decoder.routes) >= 3
+    for i, prompt in enumerate(rows):
+        assert answers[i][0] == alone(model, prompt, config), i
+
+
 def test_a_finished_slot_is_refilled_from_its_route_queue(model):
     rows = prompts()
     for block in mose_blocks(model):  # every prompt on one route: a single queue, longer than a batch

@@ -136,9 +136,7 @@ class MoSEBlock(ExpertBlock):
         if self.modality_groups:
             routed = self._by_modality(x, route)
         else:
-            if not torch.compiler.is_compiling() and route.common is not None:
-                # A compiled graph keeps the dispatch and never reads `common`: guarding on
-                # its host ints would recompile the graph for every route.
+            if self.told(route):
                 routed = self.experts.by_common(x, route.common, route.experts, route.weights)
             else:
                 plan = route.dispatch(self.experts.num_experts)
@@ -155,6 +153,13 @@ class MoSEBlock(ExpertBlock):
                 "whose decoder layers choose routes before their FFN runs"
             )
         return route
+
+    @staticmethod
+    def told(route: Route) -> bool:
+        """Whether this forward may run the batch's experts as the host was told them
+        (`Route.common`). A compiled graph keeps the dispatch and never reads `common`:
+        guarding on its host ints would recompile the graph for every route."""
+        return not torch.compiler.is_compiling() and route.common is not None
 
     def token_experts(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
         """Modality groups: each token's experts and weights, (B, T, k) each (recorded)."""
@@ -216,7 +221,8 @@ class LoRAMoSEBlock(MoSEBlock):
         route = self.route()
         if not self.modality_groups:
             self._record(route.experts[:, None, :].expand(-1, x.shape[1], -1))  # (B, T, k)
-            routed = self.experts.by_sample(route.experts, route.weights)
+            routed = (self.experts.by_common(route.common, route.experts, route.weights)
+                      if self.told(route) else self.experts.by_sample(route.experts, route.weights))
             return lora_ffn(self.base, x, combine(_shared_delta(self), routed))  # (B, T, H)
         batch, seq, hidden = x.shape
         experts, weights = self.token_experts(x, route)  # (B, T, k) each

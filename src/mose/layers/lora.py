@@ -101,6 +101,27 @@ class LoRAExperts(nn.Module):
 
         return delta
 
+    def by_common(self, common: tuple[int, ...], experts: torch.Tensor,
+                  weights: torch.Tensor) -> DeltaFn:
+        """Every sample takes the same experts, `common` (host ints): each delta runs on the
+        whole batch as one plain LoRA, with no per-sample gather of A and B. experts, weights:
+        (B, k), every row a permutation of `common`; the delta maps (B, T, in) → (B, T, out)."""
+        if len(common) == 1 and not weights.requires_grad:  # top-1's weight is 1 in value
+            return self.always(common[0])
+        mixes = [(self.always(e), (weights * (experts == e)).sum(dim=1)) for e in common]  # (B,) each
+
+        def delta(target: str, z: torch.Tensor) -> torch.Tensor | None:
+            if target not in self.dims:
+                return None
+            total = None
+            for always, w in mixes:
+                y = always(target, z)
+                y = y * w[:, None, None].to(y.dtype)
+                total = y if total is None else total + y
+            return total
+
+        return delta
+
     def by_sample(self, experts: torch.Tensor, weights: torch.Tensor) -> DeltaFn:
         """Each sample's own top-k deltas for all its tokens, in batched matmuls (no loop
         over samples). experts, weights: (B, k); the returned delta maps (B, T, in) → (B, T, out).
