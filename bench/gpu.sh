@@ -54,7 +54,7 @@ echo "# bench/gpu.sh — device $DEVICE$([ "$QUICK" = 1 ] && echo ', quick'); lo
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 
 # script → its time limit (s) on a GPU, and whether it has --full (the 2B widths)
-declare -A LIMIT=([layers]=120 [model]=60 [scaling]=30 [chain]=30 [serve]=100 [train]=75 [lora]=60)
+declare -A LIMIT=([layers]=150 [model]=60 [scaling]=30 [chain]=30 [serve]=100 [train]=75 [lora]=60)
 declare -A HAS_FULL=([layers]=1 [model]=1 [serve]=1 [train]=1)
 for bench in ${BENCHES:-layers model scaling chain serve train lora}; do
   [ -n "${LIMIT[$bench]:-}" ] || { echo "gpu.sh: unknown benchmark $bench in BENCHES" >&2; exit 2; }
