@@ -52,6 +52,7 @@ def build_variants(hidden: int, inter: int, device, dtype):
 # decode (`Route.common`). The other MoSE rows spread the batch over 5 skills, so a decode step
 # reads 1 + 5 FFNs' weights where the FLOP ideal counts 2.
 ONE_ROUTE = "MoSE shared+top1, one route"
+COMMON = {ONE_ROUTE: (0,)}  # the experts its batch shares: skill 0's
 
 
 def prepare(module, x: torch.Tensor, num_skills: int = 5) -> None:
@@ -105,8 +106,7 @@ def main() -> None:
             for name, (module, _) in variants.items():
                 module.requires_grad_(backward)
                 prepare(module, x, num_skills=1 if name == ONE_ROUTE else 5)
-            common = {ONE_ROUTE: (0,)}
-            runs = {name: step(m, x, backward, common=common.get(name)) for name, (m, _) in variants.items()}
+            runs = {name: step(m, x, backward, common=COMMON.get(name)) for name, (m, _) in variants.items()}
             shown = dict(variants)
             if args.compile and not backward:
                 # Every variant's `run` is one code object to dynamo, whose recompile limit

@@ -48,6 +48,11 @@ def dispatch(experts: torch.Tensor, num_experts: int) -> Dispatch:
     return Dispatch(order, order // k, inverse, ends)
 
 
+def weight_on(experts: torch.Tensor, weights: torch.Tensor, expert: int) -> torch.Tensor:
+    """Each row's weight on one expert, 0 where it did not choose it: experts, weights (N, k) → (N,)."""
+    return (weights * (experts == expert)).sum(dim=1)
+
+
 @dataclass
 class Route:
     """The route of one MoSE layer for a batch: per sample, not per token."""

@@ -83,10 +83,13 @@ def test_experts_by_sample_and_by_token_agree(tiny):
     torch.testing.assert_close(by_sample[1], manual, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("chosen", [[[2], [2], [2]], [[1, 3], [3, 1], [1, 3]]], ids=["top1", "top2"])
-def test_experts_shared_by_the_whole_batch_run_without_dispatch_as_by_sample(tiny, chosen):
+def test_experts_shared_by_the_whole_batch_run_without_dispatch_as_by_sample(tiny, chosen, autocast):
     """A decode batch of one route (its experts known on the host) takes the plain-FFN path;
-    with top-2 the slots' order differs between samples and each keeps its own weights."""
+    with top-2 the slots' order differs between samples and each keeps its own weights.
+    Under bf16 autocast (CUDA's rule for linear layers, emulated on the CPU) both paths give
+    bf16 from fp32 weights and inputs."""
     model, _ = tiny("qwen2")
     experts = Experts.upcycle(model.model.layers[0].mlp, 4)
     with torch.no_grad():
@@ -95,8 +98,11 @@ def test_experts_shared_by_the_whole_batch_run_without_dispatch_as_by_sample(tin
     chosen = torch.tensor(chosen)
     weights = torch.rand(chosen.shape) if chosen.shape[1] > 1 else torch.ones(3, 1)
     common = tuple(sorted(set(chosen[0].tolist())))
-    torch.testing.assert_close(experts.by_common(x, common, chosen, weights),
-                               experts.by_sample(x, chosen, weights), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got, want = experts.by_common(x, common, chosen, weights), experts.by_sample(x, chosen, weights)
+    assert got.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
+    tol = 2e-2 if autocast else 1e-5
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 def test_parameter_counts_match_the_design(tiny):

@@ -134,14 +134,13 @@ class MoSEBlock(ExpertBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route()
         if self.modality_groups:
-            routed = self._by_modality(x, route)
+            return self.with_shared(self._by_modality(x, route), x)
+        self._record(route.experts[:, None, :].expand(-1, x.shape[1], -1))  # (B, T, k)
+        if self.use_common(route):
+            routed = self.experts.by_common(x, route.common, route.experts, route.weights)
         else:
-            if self.told(route):
-                routed = self.experts.by_common(x, route.common, route.experts, route.weights)
-            else:
-                plan = route.dispatch(self.experts.num_experts)
-                routed = self.experts.by_sample(x, route.experts, route.weights, plan)
-            self._record(route.experts[:, None, :].expand(-1, x.shape[1], -1))  # (B, T, k)
+            plan = route.dispatch(self.experts.num_experts)
+            routed = self.experts.by_sample(x, route.experts, route.weights, plan)
         return self.with_shared(routed, x)
 
     def route(self) -> Route:
@@ -155,10 +154,10 @@ class MoSEBlock(ExpertBlock):
         return route
 
     @staticmethod
-    def told(route: Route) -> bool:
-        """Whether this forward may run the batch's experts as the host was told them
-        (`Route.common`). A compiled graph keeps the dispatch and never reads `common`:
-        guarding on its host ints would recompile the graph for every route."""
+    def use_common(route: Route) -> bool:
+        """Whether this forward runs the experts the whole batch shares, as the host knows
+        them (`Route.common`), without the dispatch. A compiled graph keeps the dispatch and
+        never reads `common`: guarding on its host ints would recompile it for every route."""
         return not torch.compiler.is_compiling() and route.common is not None
 
     def token_experts(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +221,7 @@ class LoRAMoSEBlock(MoSEBlock):
         if not self.modality_groups:
             self._record(route.experts[:, None, :].expand(-1, x.shape[1], -1))  # (B, T, k)
             routed = (self.experts.by_common(route.common, route.experts, route.weights)
-                      if self.told(route) else self.experts.by_sample(route.experts, route.weights))
+                      if self.use_common(route) else self.experts.by_sample(route.experts, route.weights))
             return lora_ffn(self.base, x, combine(_shared_delta(self), routed))  # (B, T, H)
         batch, seq, hidden = x.shape
         experts, weights = self.token_experts(x, route)  # (B, T, k) each

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mose.routing import Dispatch, dispatch
+from mose.routing import Dispatch, dispatch, weight_on
 
 # (device type, dtype) pairs where torch._grouped_mm failed once: the loop serves them since.
 _NO_NATIVE: set[tuple[str, torch.dtype]] = set()
@@ -210,7 +210,7 @@ class Experts(nn.Module):
             return self.expert(common[0], x)
         out = None  # summed in the experts' output dtype (bf16 under autocast), as by_sample does
         for e in common:
-            w = (weights * (experts == e)).sum(dim=1)  # (B,): this expert's weight per sample
+            w = weight_on(experts, weights, e)  # (B,)
             y = self.expert(e, x)
             y = y * w[:, None, None].to(y.dtype)
             out = y if out is None else out + y

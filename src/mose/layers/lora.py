@@ -28,7 +28,7 @@ from torch import nn
 
 from mose.config import LORA_TARGETS
 from mose.layers.experts import grouped_linear
-from mose.routing import dispatch
+from mose.routing import dispatch, weight_on
 
 # (target, input of that projection (..., in)) → the delta's output (..., out), or None
 # where the target has no delta.
@@ -108,7 +108,7 @@ class LoRAExperts(nn.Module):
         (B, k), every row a permutation of `common`; the delta maps (B, T, in) → (B, T, out)."""
         if len(common) == 1 and not weights.requires_grad:  # top-1's weight is 1 in value
             return self.always(common[0])
-        mixes = [(self.always(e), (weights * (experts == e)).sum(dim=1)) for e in common]  # (B,) each
+        mixes = [(self.always(e), weight_on(experts, weights, e)) for e in common]  # (B,) weights
 
         def delta(target: str, z: torch.Tensor) -> torch.Tensor | None:
             if target not in self.dims:
