@@ -51,7 +51,7 @@ def test_shipped_study_configs_load_and_every_run_is_a_valid_recipe(name):
     for spec in plan_runs(study):
         recipe = run_recipe(study, spec, data, "runs/pretrained")
         assert recipe.seed == spec.seed and recipe.data.fraction == spec.fraction
-    # Robot scenes are learnt with the vision tower frozen (README, "Calibration"); driving trains it.
+    # Robot scenes are learnt with the vision tower frozen (docs/calibration.md); driving trains it.
     tower = {"driving": "all", "robot": "language"}[name]
     assert pretrain_recipe(study, data).stages["pretrain"].trainable == tower
     # The oracle upper bound sits beside the methods; the routers train by the stage's own bounds

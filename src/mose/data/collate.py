@@ -27,7 +27,7 @@ END_OF_TURN = "<|im_end|>"
 def answers_with_text(sample: Sample) -> bool:
     """Multiple choice answered with the option's text, not its letter: records that say so
     (`meta["answer_with"] == "text"`, the procedural robot world's, whose tiny model cannot learn
-    to look a letter up; see README, "Calibration")."""
+    to look a letter up; see docs/calibration.md)."""
     return sample.meta.get("answer_with") == "text"
 
 

@@ -148,7 +148,7 @@ class StudyConfig:
     question_rules: str | None = None  # the rules that label them (shipped name or YAML); default: the same
     pretrain: dict | None = None  # backbone-stage options of the tiny model's pretraining
     # Stages run before `pretrain`, each on the general records of its `kinds`; its other keys
-    # are backbone options over `pretrain`'s (README, "Calibration", where it was tried on the robot world)
+    # are backbone options over `pretrain`'s (docs/calibration.md, where it was tried on the robot world)
     curriculum: list[dict] = field(default_factory=list)
     finetune: dict = field(default_factory=dict)  # training options every method's fine-tuning shares
     router: dict = field(default_factory=dict)  # router-stage options (MoSE): labelled, epochs, ...

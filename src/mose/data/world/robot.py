@@ -3,7 +3,7 @@ green target zone, asked as Robo2VLM-style multiple choice (4-way yes/no, 5-way
 otherwise, some answered by "None of the above") at the three levels of the
 `robot` taxonomy. Multiple choice is answered with the option's text, not its
 letter (`meta["answer_with"]`): the tiny model cannot learn to look a letter up
-(README, "Calibration"); the scorer reads either.
+(docs/calibration.md); the scorer reads either.
 
 The general kinds (`GENERAL_KINDS`: describe the scene, locate an object, say
 whether an object is there, count them, name the object in a quadrant, pick the
@@ -14,7 +14,7 @@ are off unless a weight switches them on: the generic visual question answering
 a general VLM knows before it meets this benchmark. They look where its
 questions look, but never ask one (no grasp, success or motion question among
 them): a general model that never looked at the gripper gives SFT nothing to
-read there (README, "Calibration").
+read there (docs/calibration.md).
 """
 
 from __future__ import annotations
