@@ -151,7 +151,7 @@ def _vision_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 def _qwen2_vl(tokenizer, **text):
     text = _text_config(tokenizer, **text)
     # The vision tower's output width is the language model's width. At width 32 the procedural
-    # world's objects were hard to tell apart after pretraining; 64 reads them (README, "The demo").
+    # world's objects were hard to tell apart after pretraining; 64 reads them (docs/calibration.md, driving).
     vision = dict(depth=2, embed_dim=64, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2)
     config = Qwen2VLConfig(text_config=text, vision_config=vision,
                            **_vision_ids(tokenizer))
