@@ -256,8 +256,8 @@ def _general(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str, lis
 def _relative(rng: random.Random, scene: Scene) -> tuple[str, str, list[str]]:
     """How two of the scene's things lie along one axis: the relation a move reads, asked
     without the benchmark's computation (which axis is larger, which move, when to stop).
-    Either order is asked, so no one thing's place predicts the answer: the tiny models never
-    learn it so (a fixed order they do; docs/calibration.md, robot)."""
+    Either order is asked, so no one thing's place predicts the answer, and every model tried
+    stays at chance on it; asked in a fixed order it is learnt (docs/calibration.md, robot)."""
     places = [(f"the {t.name}", (t.x, t.y)) for t in scene.things]
     places += [("the gripper", scene.gripper), ("the green target", scene.target)]
     pairs = [(a, b) for a in places for b in places if a[1] != b[1]]  # one spot has no relation
