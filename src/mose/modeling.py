@@ -9,6 +9,7 @@ rebuilds its blocks from `config.mose` in `__init__`, so `save_pretrained` /
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import ModelOutput
 
 from mose.arch import ARCHS, Arch
 from mose.config import MoSEConfig, TokenMoEConfig, config_from_dict, resolve_layers
@@ -102,12 +104,12 @@ class MoSEModelMixin:
         )
         output = super().forward(input_ids, attention_mask, *args, **kwargs)
         state = self.mose_state
+        losses = {}
         if labels is not None and state.router_logits:
-            output["router_loss"] = skill_routing_loss(
-                state.router_logits, self.level_of_layer, labels)
+            losses["router_loss"] = skill_routing_loss(state.router_logits, self.level_of_layer, labels)
         if state.aux_losses:
-            output["aux_loss"] = torch.stack(list(state.aux_losses.values())).mean()
-        return output
+            losses["aux_loss"] = torch.stack(list(state.aux_losses.values())).mean()
+        return with_routing_losses(output, losses) if losses else output
 
     def _prefill(self, input_ids: torch.Tensor, generation_config, model_kwargs: dict,
                  *args: Any, **kwargs: Any):
@@ -201,6 +203,27 @@ class MoSEModelMixin:
         if input_ids is None or not ids:
             return None
         return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))  # (B, T)
+
+
+def with_routing_losses(output: ModelOutput, losses: dict[str, torch.Tensor]) -> ModelOutput:
+    """`output` with the routing losses as fields of its class (`routing_output_class`)."""
+    return routing_output_class(type(output))(**{**output, **losses})
+
+
+@cache
+def routing_output_class(base: type[ModelOutput]) -> type[ModelOutput]:
+    """`base`, a transformers output dataclass, with `router_loss` and `aux_loss` fields.
+
+    A key set on an output that its class lacks is lost wherever the output is rebuilt from
+    its keys: DDP with find_unused_parameters flattens the forward's output and rebuilds it
+    as `type(output)(**keys)`, which raised on `router_loss` at the first teacher-forced step.
+    """
+    fields = {"router_loss": torch.Tensor | None, "aux_loss": torch.Tensor | None}
+    namespace = {"__annotations__": fields, **dict.fromkeys(fields), "__module__": __name__,
+                 "__qualname__": f"MoSE{base.__name__}"}
+    output_class = dataclasses.dataclass(type(f"MoSE{base.__name__}", (base,), namespace))
+    globals()[output_class.__name__] = output_class  # importable by name, like any class
+    return output_class
 
 
 @cache
