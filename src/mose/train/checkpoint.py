@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,28 @@ def save_model(model: Any, processor: Any, out_dir: Path, recipe: dict[str, Any]
     """Write a complete model directory atomically (temp directory, then rename)."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
+    with own_class(model):
+        model.save_pretrained(tmp, state_dict=state_dict)
     save_processor(processor, tmp)
     (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+
+
+@contextmanager
+def own_class(model: torch.nn.Module) -> Iterator[None]:
+    """The model as its own class while inside: FSDP2's `fully_shard` swaps a model's class for
+    `FSDP<Class>`, and transformers finds a class's checkpoint key layout by its name, so a
+    sharded stage's dense model would be saved in another layout than the same stage on one process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_class = type(model)
+    model.__class__ = next(c for c in sharded_class.__mro__ if not issubclass(c, FSDPModule))
+    try:
+        yield
+    finally:
+        model.__class__ = sharded_class
 
 
 def is_complete(out_dir: Path) -> bool:

@@ -97,6 +97,12 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
                        state_dict)
             shutil.rmtree(out / ".resume" / name, ignore_errors=True)
         accelerator.wait_for_everyone()
+        if state_dict is not None and name != names[-1]:
+            # The stage left the model sharded in place (FSDP2's DTensors, ZeRO-3's partitions,
+            # DeepSpeed's bf16 cast): the next stage starts from the whole weights it saved.
+            del model
+            model = load_model(str(out / name), seed=recipe.seed, dtype=DTYPES[recipe.dtype])[0]
+            model.to(accelerator.device)
         results[name] = {"output": str(out / name), **metrics}
         if accelerator.is_main_process:
             console.print(f"[green]stage {name} done[/green] → {out / name} " +
