@@ -13,9 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from safetensors.torch import load_file
 
 import mose
 from conftest import prompt_batch
+from launching import CONFIGS, cpu_config, finished, launch_train
 from mose.data import read_jsonl
 from mose.data.world import generate
 from mose.models.loading import load_model
@@ -33,8 +31,6 @@ from mose.train import train
 from mose.train.loop import narrow_fsdp_wrap
 from mose.train.recipe import load_recipe
 
-BIN = Path(sys.executable).parent
-CONFIGS = Path(__file__).parents[2] / "configs" / "accelerate"
 STEPS = 6 if os.environ.get("MOSE_TRIM") else 12  # SFT steps of the launched runs
 
 
@@ -115,21 +111,6 @@ def test_the_fsdp_config_wraps_every_decoder_layer_and_vision_block(kind, wrappe
 # ------------------------------------------------------------- 2 processes under FSDP2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_fsdp_config(folder: Path) -> Path:
-    """The shipped fsdp.yaml for 2 CPU processes: its fsdp_config untouched."""
-    config = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())
-    config.update(num_processes=2, mixed_precision="no", use_cpu=True)
-    path = folder / "fsdp-cpu.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def write_recipe(path: Path, world: str, out: Path, batch_size: int) -> Path:
     sft = {"batch_size": batch_size, "max_steps": STEPS, "lr": 1e-3, "log_every": 1, "save_every": 2,
            "max_grad_norm": 1.0, "warmup_ratio": 0.2, "skill_loss_weight": 0.1}
@@ -137,21 +118,6 @@ def write_recipe(path: Path, world: str, out: Path, batch_size: int) -> Path:
               "data": {"train": world}, "stages": {"convert": {"mose": {"taxonomy": "driving"}}, "sft": sft}}
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def launch(config: Path, recipe: Path, *extra: str) -> subprocess.Popen:
-    """`accelerate launch ... mose train` in a session of its own, so that killing it kills its workers."""
-    command = [str(BIN / "accelerate"), "launch", "--config_file", str(config),
-               "--main_process_port", str(free_port()), "-m", "mose.cli", "train", "--config", str(recipe),
-               "--no-progress", *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-
-
-def finished(proc: subprocess.Popen) -> str:
-    output = proc.communicate(timeout=400)[0]
-    assert proc.returncode == 0, output[-6000:]
-    return output
 
 
 def metrics(run: Path) -> list[dict]:
@@ -167,8 +133,8 @@ def world(tmp_path_factory):
 def runs(world, tmp_path_factory):
     """(one process at batch 4, two FSDP2 processes at batch 2, the accelerate config)."""
     folder = tmp_path_factory.mktemp("fsdp")
-    config = cpu_fsdp_config(folder)
-    two = launch(config, write_recipe(folder / "two.yaml", world, folder / "two", batch_size=2))
+    config = cpu_config("fsdp", folder)
+    two = launch_train(config, write_recipe(folder / "two.yaml", world, folder / "two", batch_size=2))
     train(load_recipe(write_recipe(folder / "one.yaml", world, folder / "one", batch_size=4)), progress=False)
     finished(two)
     return folder / "one", folder / "two", config
@@ -195,7 +161,7 @@ def test_fsdp_on_two_processes_matches_one_at_the_same_global_batch(runs):
 def test_fsdp_sigkill_mid_stage_then_resume_ends_with_the_uninterrupted_weights(runs, world, tmp_path):
     _, two, config = runs
     recipe = write_recipe(tmp_path / "killed.yaml", world, tmp_path / "killed", batch_size=2)
-    proc = launch(config, recipe)
+    proc = launch_train(config, recipe)
     states = tmp_path / "killed" / ".resume" / "sft"
     deadline = time.monotonic() + 300
     while not list(states.glob("step-*")):
@@ -207,7 +173,7 @@ def test_fsdp_sigkill_mid_stage_then_resume_ends_with_the_uninterrupted_weights(
     (state,) = states.glob("step-*")
     assert sorted(p.name for p in state.iterdir()) == ["rank-00000", "rank-00001", "state.json"]
     assert not (tmp_path / "killed" / "sft").exists()
-    finished(launch(config, recipe, "--resume"))
+    finished(launch_train(config, recipe, "--resume"))
 
     expected, got = load_file(two / "sft" / "model.safetensors"), load_file(tmp_path / "killed" / "sft" /
                                                                             "model.safetensors")
