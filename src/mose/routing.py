@@ -155,26 +155,25 @@ class RoutingState:
         """(B, T) float mask of real tokens for hidden states of shape (B, T, H)."""
         return self._mask(self.token_mask, hidden)
 
-    def routed_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T) float mask of the tokens a router averages over (the real ones unless told)."""
-        return self._mask(self.token_mask if self.route_mask is None else self.route_mask, hidden)
+    def routed_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) bool mask of the tokens a router averages over (the real ones unless told),
+        or None when it averages over every token."""
+        mask = self.token_mask if self.route_mask is None else self.route_mask
+        return None if mask is None else self._checked(mask, hidden)
 
-    def routed_tokens_or_all(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """As `routed_tokens`, but None when a router averages over every token."""
-        if self.token_mask is None and self.route_mask is None:
-            return None
-        return self.routed_tokens(hidden)
-
-    @staticmethod
-    def _mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    def _mask(self, mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
         if mask is None:
             return hidden.new_ones(hidden.shape[:2], dtype=torch.float32)
+        return self._checked(mask, hidden).float()
+
+    @staticmethod
+    def _checked(mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         if mask.shape != hidden.shape[:2]:
             raise RuntimeError(
                 f"routing mask of shape {tuple(mask.shape)} does not match hidden "
                 f"states {tuple(hidden.shape[:2])}: call the model, not its layers, directly"
             )
-        return mask.float()
+        return mask
 
 
 def skill_label_tensor(

@@ -37,6 +37,32 @@ def test_samples_really_take_different_routes(tiny):
     assert len({tuple(row.tolist()) for row in chosen}) > 1
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_what_padding_positions_hold_never_reaches_a_route(tiny, poison):
+    """NaN or Inf in the padding entering the first MoSE layer (a kernel that leaves padded
+    rows uninitialised, a masked softmax of an all-padding row) leaves its routes as they were."""
+    model, processor = converted(tiny)
+    inputs = vl_batch(processor, [0, 1, 2, 3], "left")  # three of them padded
+    padding = ~inputs["attention_mask"].bool()  # (B, T)
+    assert padding.any(dim=1).sum() == 3
+    first = min(model.level_of_layer)
+    _, clean = routed_run(model, inputs)
+
+    def poisoned(_layer, args, kwargs):
+        key = "hidden_states" if "hidden_states" in kwargs else None
+        hidden = (kwargs[key] if key else args[0]).masked_fill(padding[..., None], poison)  # (B, T, H)
+        return (args, {**kwargs, key: hidden}) if key else ((hidden, *args[1:]), kwargs)
+
+    layer = model.mose_arch.layers(model)[first]
+    handle = layer.register_forward_pre_hook(poisoned, with_kwargs=True, prepend=True)
+    try:
+        _, routes = routed_run(model, inputs)
+    finally:
+        handle.remove()
+    assert torch.equal(routes[first].experts, clean[first].experts)
+    torch.testing.assert_close(routes[first].probs, clean[first].probs, atol=1e-6, rtol=1e-6)
+
+
 def test_modality_groups_send_image_and_text_tokens_to_different_experts(tiny):
     model, processor = converted(tiny, modality_groups=True)
     inputs = vl_batch(processor, [0, 1])

@@ -72,19 +72,15 @@ def _shared_delta(block: ExpertBlock) -> DeltaFn | None:
 
 
 def pooled_sum(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Σ_t mask[b, t] · hidden[b, t], accumulated in float32 without a float32 copy of hidden.
+    """Σ_t hidden[b, t] over the positions `mask` keeps, accumulated in float32.
 
-    hidden: (B, T, H); mask: (B, T) float 0/1, or None for every token → (B, H) float32.
-    fp32 hidden states: one batched matmul with the mask (autocast off, so it stays fp32);
-    lower precisions: the masked product in their own dtype (exact, the mask is 0/1),
-    summed with float32 accumulation.
+    hidden: (B, T, H); mask: (B, T) bool, or None for every token → (B, H) float32.
+    The other positions are selected out, not multiplied by zero: whatever a padding
+    position holds (NaN and Inf included, 0 · NaN being NaN) never reaches a route.
     """
-    if mask is None:
-        return hidden.sum(dim=1, dtype=torch.float32)
-    if hidden.dtype == torch.float32:
-        with torch.autocast(hidden.device.type, enabled=False):
-            return torch.bmm(mask[:, None, :], hidden).squeeze(1)  # (B, 1, T) @ (B, T, H)
-    return (hidden * mask[..., None].to(hidden.dtype)).sum(dim=1, dtype=torch.float32)
+    if mask is not None:
+        hidden = hidden.masked_fill(~mask[..., None], 0)  # (B, T, H)
+    return hidden.sum(dim=1, dtype=torch.float32)
 
 
 def expert_blocks(model: nn.Module) -> list[ExpertBlock]:
@@ -107,10 +103,10 @@ class MoSEBlock(ExpertBlock):
     def observe(self, hidden: torch.Tensor) -> None:
         """Choose this layer's route from the hidden states entering it, (B, T, H)."""
         state = self.state
-        mask = state.routed_tokens_or_all(hidden)  # (B, T), or None for every token
+        mask = state.routed_tokens(hidden)  # (B, T) bool, or None for every token
         total = pooled_sum(hidden, mask)  # (B, H) float32
         count = (hidden.new_full((hidden.shape[0], 1), hidden.shape[1], dtype=torch.float32)
-                 if mask is None else mask.sum(dim=1, keepdim=True))  # (B, 1)
+                 if mask is None else mask.sum(dim=1, keepdim=True, dtype=torch.float32))  # (B, 1)
         if state.decoding and self.layer_idx in state.running:
             # The mean over every token cached so far: what "running" routing reads at each
             # step, and "once" routing when a new prompt continues a filled cache.
