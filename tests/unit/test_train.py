@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mose
-from conftest import prompt_batch, sharpen_routers
+from conftest import distinct_experts, prompt_batch, sharpen_routers
 from mose.data.world import generate
 from mose.models.loading import load_model
 from mose.models.processor import save_processor
@@ -157,6 +157,36 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, world):
     assert router_grads and all(grads_a[n].abs().sum() > 0 for n in router_grads)
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_the_answer_loss_runs_the_lm_head_on_answer_positions_only(tiny, world):
+    """The same loss (and gradients) as cross-entropy over full logits, from a head that
+    computed one row per answer token: the (B, T, V) logits of a 2B step are never made."""
+    import torch.nn.functional as F
+
+    from mose.data import read_jsonl
+    from mose.data.collate import IGNORE, Collator, EncodedDataset, SampleEncoder
+    from mose.train.stages import answer_objective
+
+    model, processor = tiny("qwen2_vl")
+    mose.convert(model, mose.MoSEConfig(taxonomy="driving"))
+    distinct_experts(model)
+    samples = list(read_jsonl(world))[:5]
+    items = EncodedDataset(samples, SampleEncoder(processor, model.mose_config.taxonomy)).items
+    batch = Collator(processor.tokenizer.pad_token_id)(items)
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda _m, _a, out: rows.append(out.shape[:-1]))
+    loss = answer_objective(model, teacher_forcing=True)(model, batch)
+    handle.remove()
+    answer_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert rows == [torch.Size([answer_tokens])] and answer_tokens < batch["labels"].numel() / 2
+    grads = torch.autograd.grad(loss, model.lm_head.weight)[0]
+
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, T, V)
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+    torch.testing.assert_close(loss, full)
+    torch.testing.assert_close(grads, torch.autograd.grad(full, model.lm_head.weight)[0])
 
 
 def test_answer_loss_sums_the_same_however_the_batch_is_split(tiny, world):

@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,12 +66,14 @@ def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_f
                      aux_loss_coef: float = 0.0) -> Objective:
     """Cross-entropy summed over answer tokens, plus the auxiliary routing losses.
 
+    The LM head runs at the positions that predict an answer token only (`logits_at`).
     MoSE's routers average over the prompt only, as they do when answering with
     `decode_routing="once"`: a route that read the answer would be one inference never
     takes. ("running" routing reads the answer as it is generated, so it reads it here too.)
     """
     config = getattr(model, "mose_config", None)
     routes_per_sample = isinstance(config, MoSEConfig) and config.decode_routing == "once"
+    head = model.get_output_embeddings()
 
     def objective(runner: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "skill_labels")}
@@ -76,22 +81,40 @@ def answer_objective(model: nn.Module, skill_loss_weight: float = 0.0, teacher_f
             inputs["routing_mask"] = batch["attention_mask"].bool() & (batch["labels"] == IGNORE)  # (B, T)
         if teacher_forcing:
             inputs["skill_labels"] = batch["skill_labels"]
-        out = runner(**inputs)
-        labels = batch["labels"][:, 1:]  # (B, T-1): token t predicts t+1
-        logits = out.logits[:, :-1].float()  # (B, T-1, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-        tokens = (labels != IGNORE).sum()
+        targets = batch["labels"][:, 1:]  # (B, T-1): token t predicts t+1
+        predicting = targets != IGNORE  # (B, T-1)
+        with logits_at(head, F.pad(predicting, (0, 1))):  # (B, T): the last token predicts nothing
+            out = runner(**inputs)
+        logits = out.logits.float()  # (N, V), N = answer tokens
+        loss = F.cross_entropy(logits, targets[predicting], reduction="sum")
+        tokens = predicting.sum()
         if skill_loss_weight:
             # Each answer token carries its sample's skill loss, so the loop's division by the
             # global token count gives the same loss however the batch is split over processes.
             per_sample = detached_skill_loss(model, batch["skill_labels"], per_sample=True)  # (B,)
-            loss = loss + skill_loss_weight * ((labels != IGNORE).sum(1) * per_sample).sum()
+            loss = loss + skill_loss_weight * (predicting.sum(1) * per_sample).sum()
         if aux_loss_coef and out.get("aux_loss") is not None:
             loss = loss + aux_loss_coef * tokens * out["aux_loss"]
         return loss
 
     return objective
+
+
+@contextmanager
+def logits_at(head: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """Forwards inside apply the LM head `head` at the positions `keep` (B, T) bool only, and
+    return logits (N, V) for the N kept positions, in order. A loss on answer tokens needs
+    no other logits, and at a real vocabulary those are a training step's largest activation
+    (151,936 floats a token for Qwen2-VL, before the loss's float32 copy)."""
+
+    def select(_head: nn.Module, args: tuple) -> tuple:
+        return (args[0][keep], *args[1:])  # (B, T, H) -> (N, H)
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def detached_skill_loss(model: nn.Module, labels: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
