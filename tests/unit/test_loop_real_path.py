@@ -218,3 +218,34 @@ def test_training_stages_refuse_half_precision_weights(world, tmp_path, monkeypa
     convert_only = sft_recipe(tmp_path, world, "convert", dtype="bfloat16")
     convert_only.stages.pop("sft")
     run.check_recipe(convert_only)  # converting in bf16 trains nothing: allowed
+
+
+def test_bf16_mixed_precision_holds_frozen_weights_in_bf16_and_gives_them_back_exactly(
+        world, tmp_path, monkeypatch):
+    """A LoRA-MoSE SFT stage under bf16 mixed precision: while it steps, the frozen base is bf16
+    and the LoRA deltas (fp32 masters) and routers fp32; the saved base is the float32 one it started from."""
+    from mose.train import loop
+
+    _reset_accelerate()
+    seen = {}
+    original = loop._step
+
+    def spy(runner, *args, **kwargs):
+        if not seen:
+            for name, p in loop.Accelerator().unwrap_model(runner).named_parameters():
+                kind = "router" if ".router." in name else "trained" if p.requires_grad else "frozen"
+                seen.setdefault(kind, set()).add(p.dtype)
+        return original(runner, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_step", spy)
+    recipe = sft_recipe(tmp_path, world, "lora", mixed_precision="bf16")
+    recipe.stages["convert"].mose = {"taxonomy": "driving", "experts": "lora", "lora_rank": 4}
+    recipe.stages["sft"].max_steps = 2
+    train(recipe, progress=False)
+    _reset_accelerate()
+    assert seen == {"frozen": {torch.bfloat16}, "trained": {torch.float32}, "router": {torch.float32}}
+    before, after = (load_file(tmp_path / "lora" / s / "model.safetensors") for s in ("convert", "sft"))
+    trained = (".experts.", ".shared_expert.", ".router.")
+    frozen = [n for n in before if not any(part in n for part in trained)]
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], before[n]) for n in frozen)
+    assert any(not torch.equal(after[n], before[n]) for n in after if ".experts.B_" in n)  # they trained

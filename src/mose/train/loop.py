@@ -39,6 +39,7 @@ from mose.train.checkpoint import (
     write_resume_part,
 )
 from mose.train.data import BatchOrder
+from mose.train.precision import held_in, weights
 from mose.train.recipe import TrainOptions
 
 # (the model as prepared by Accelerate, a batch) → the loss summed over the batch's items
@@ -96,12 +97,31 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
     (the model's own parameters are then partitioned), else None.
     """
     acc, opts = ctx.accelerator, plan.options
-    sharded = acc.distributed_type in SHARDED
     if acc.distributed_type == DistributedType.DEEPSPEED and opts.grad_accum > 1:
         # The DeepSpeed engine steps at every backward unless it accumulates itself.
         raise ValueError(f"stage {plan.name!r}: under DeepSpeed set grad_accum 1 and raise "
                          "batch_size (or the number of processes) instead")
     freeze_all_but(model, plan.trainable, plan.frozen)
+    with frozen_in_compute_dtype(model, acc):
+        runner = _train(model, plan, ctx, resume)
+    state_dict = acc.get_state_dict(runner) if acc.distributed_type in SHARDED else None
+    acc.free_memory()  # drop accelerate's references to this stage's model and optimizer
+    return state_dict
+
+
+def frozen_in_compute_dtype(model: nn.Module, acc: Accelerator):
+    """Under bf16 mixed precision, the stage's frozen weights held in bf16 (`mose.train.precision`)
+    while it runs. Not under FSDP2, whose units need one dtype (its policy gathers weights in
+    bf16 already), nor DeepSpeed, which casts every weight itself; not under fp16, whose range a
+    residual stream held in it could overflow."""
+    if acc.mixed_precision != "bf16" or acc.distributed_type in SHARDED:
+        return nullcontext()
+    return held_in(weights(model, frozen_only=True), torch.bfloat16)
+
+
+def _train(model: nn.Module, plan: StagePlan, ctx: LoopContext, resume: bool) -> nn.Module:
+    """The stage's optimizer steps on the frozen model; the model as prepared by accelerate."""
+    acc, opts = ctx.accelerator, plan.options
     order = BatchOrder(len(plan.dataset), opts.batch_size, opts.grad_accum, acc.num_processes, ctx.seed)
     total = order.total_steps(opts.epochs, opts.max_steps)
     optimizer = adamw(_param_groups(model, acc, plan.own_lr), opts.lr, opts.weight_decay)
@@ -143,9 +163,7 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
             model.activation_checkpointing_disable()
         model.eval()
     plan.metrics.update(logger.last)
-    state_dict = acc.get_state_dict(runner) if sharded else None
-    acc.free_memory()  # drop accelerate's references to this stage's model and optimizer
-    return state_dict
+    return runner
 
 
 def _fingerprint(acc: Accelerator, plan: StagePlan, seed: int) -> dict:
