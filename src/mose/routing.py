@@ -213,13 +213,17 @@ def skill_label_tensor(
 
 
 def _check_label_range(labels: torch.Tensor, levels) -> None:
-    for i, level in enumerate(levels):
-        column = labels[:, i]
-        if (column < 0).any() or (column >= len(level.skills)).any():
-            raise ValueError(
-                f"skill_labels for level {level.name!r} hold index {column.tolist()}; "
-                f"valid: 0..{len(level.skills) - 1} ({', '.join(level.skills)})"
-            )
+    """One device→host read however large the batch (it runs at every teacher-forced step)."""
+    sizes = torch.tensor([len(level.skills) for level in levels], device=labels.device)  # (L,)
+    wrong = (labels < 0) | (labels >= sizes)  # (B, L)
+    if not wrong.any():
+        return
+    i = int(wrong.any(dim=0).nonzero()[0])
+    level = levels[i]
+    raise ValueError(
+        f"skill_labels for level {level.name!r} hold index {labels[:, i].tolist()}; "
+        f"valid: 0..{len(level.skills) - 1} ({', '.join(level.skills)})"
+    )
 
 
 @dataclass(frozen=True)
@@ -252,28 +256,33 @@ def skill_chain_list(
 
     A level's skill is the one its layers chose most often (ties go to the higher
     mean probability); its probability is the mean router probability over those
-    layers.
+    layers. Every route is read to the host in one copy, not sample by sample.
     """
     if not routes:
         raise RuntimeError("no routes recorded yet: run a forward pass or generate() first")
-    batch = next(iter(routes.values())).experts.shape[0]
+    layers = sorted(routes)
+    widths = [routes[i].probs.shape[1] for i in layers]
+    columns = [routes[i].experts[:, :1].float() for i in layers] + [routes[i].probs.float() for i in layers]
+    table = torch.cat(columns, dim=1).cpu()  # (B, layers + Σ skills): the one device→host copy
+    chosen = table[:, :len(layers)].long().tolist()  # B lists of one skill per layer
+    probs = [p.tolist() for p in table[:, len(layers):].split(widths, dim=1)]  # per layer, B lists of S
     chains = []
-    for b in range(batch):
+    for b in range(table.shape[0]):
         choices = []
         for level_idx, level in enumerate(taxonomy.levels):
-            layers = sorted(i for i, lv in level_of_layer.items() if lv == level_idx and i in routes)
-            picks = [(i, int(routes[i].experts[b, 0]), routes[i].probs[b]) for i in layers]
+            picks = [(i, chosen[b][j], probs[j][b]) for j, i in enumerate(layers)
+                     if level_of_layer.get(i) == level_idx]
             votes = Counter(skill for _, skill, _ in picks)
 
             def mean_prob(skill: int, picks=picks) -> float:
-                return sum(float(probs[skill]) for _, _, probs in picks) / len(picks)
+                return sum(p[skill] for _, _, p in picks) / len(picks)
 
             best = max(votes, key=lambda s: (votes[s], mean_prob(s)))
             choices.append(SkillChoice(
                 level=level.name,
                 skill=level.skills[best],
                 prob=mean_prob(best),
-                layers=tuple((i, level.skills[s], float(p[s])) for i, s, p in picks),
+                layers=tuple((i, level.skills[s], p[s]) for i, s, p in picks),
             ))
         chains.append(SkillChain(tuple(choices)))
     return chains

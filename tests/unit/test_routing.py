@@ -12,6 +12,7 @@ from conftest import (
     sharpen_routers,
     vl_batch,
 )
+from mose.routing import skill_label_tensor
 
 
 def converted(tiny, kind="qwen2_vl", **cfg):
@@ -132,6 +133,41 @@ def test_wrong_skill_labels_raise(tiny, labels, match):
     model, processor = converted(tiny)
     with pytest.raises(ValueError, match=match):
         model(**vl_batch(processor, [0, 1]), skill_labels=labels)
+
+
+class OnDevice(torch.Tensor):
+    """A tensor that counts what reads it to the host, each of which syncs a GPU's stream:
+    .cpu(), .item(), .tolist(), int(), float(), bool()."""
+
+    reads = 0
+    HOST_READS = {torch.Tensor.cpu, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
+                  torch.Tensor.__float__, torch.Tensor.__bool__, torch.Tensor.__index__, torch.Tensor.numpy}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.HOST_READS:
+            cls.reads += 1
+            with torch._C.DisableTorchFunctionSubclass():
+                result = func(*args, **(kwargs or {}))
+            return result.as_subclass(torch.Tensor) if isinstance(result, torch.Tensor) else result
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_skill_chains_and_label_checks_read_the_device_once_per_batch(tiny):
+    model, processor = converted(tiny)
+    routed_run(model, vl_batch(processor, [0, 1, 2, 3]))
+    expected = model.skill_chains()
+    for route in model.mose_state.routes.values():
+        route.experts, route.probs = route.experts.as_subclass(OnDevice), route.probs.as_subclass(OnDevice)
+    OnDevice.reads = 0
+    assert model.skill_chains() == expected
+    assert OnDevice.reads == 1  # not one per sample, layer and skill
+
+    taxonomy = model.mose_config.taxonomy
+    labels = taxonomy.encode_batch([c.as_dict() for c in expected] * 4).as_subclass(OnDevice)  # (16, L)
+    OnDevice.reads = 0
+    assert torch.equal(skill_label_tensor(labels, taxonomy, 16), labels)
+    assert OnDevice.reads == 1
 
 
 def test_skill_labels_are_refused_by_the_token_moe_baseline(tiny):
