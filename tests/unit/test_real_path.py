@@ -240,3 +240,36 @@ def test_chunked_prefill_is_refused(tiny):
     model, processor = routed(tiny, mose.MoSEConfig(), kind="qwen2")
     with pytest.raises(ValueError, match="prefill_chunk_size=None"):
         model.generate(**text_batch(processor, [1]), max_new_tokens=2, prefill_chunk_size=4)
+
+
+@pytest.mark.parametrize("error, refused", [
+    (RuntimeError("grouped gemm is only supported on CUDA devices with compute capability 9.0"), True),
+    (NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from the 'CUDA' backend"), True),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+    (RuntimeError("CUDA error: device-side assert triggered"), False),
+])
+def test_a_grouped_matmul_the_device_refuses_falls_back_loudly_and_a_device_error_is_raised(
+        monkeypatch, caplog, error, refused):
+    import logging
+
+    from mose.layers import experts
+
+    monkeypatch.setattr(experts, "_NO_NATIVE", set())
+
+    def fails(*_args, **_kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "_grouped_mm", fails)
+    x, w = torch.randn(6, 8), torch.randn(3, 8, 4)  # rows 0-1 to group 0, none to 1, 2-5 to 2
+    ends = torch.tensor([2, 2, 6], dtype=torch.int32)
+    if not refused:  # the device is broken: the loop must not hide it
+        with pytest.raises(type(error), match="CUDA error"):
+            experts._grouped_mm_impl(x, w, ends)
+        assert not experts._NO_NATIVE
+        return
+    with caplog.at_level(logging.WARNING, logger="mose.layers.experts"):
+        got = experts._grouped_mm_impl(x, w, ends)
+        experts._grouped_mm_impl(x, w, ends)  # the loop from now on, without asking again
+    torch.testing.assert_close(got, torch.cat([x[:2] @ w[0], x[2:] @ w[2]]))
+    assert experts._NO_NATIVE == {("cpu", torch.float32)}
+    assert len(caplog.records) == 1 and "does not support cpu torch.float32" in caplog.text

@@ -11,16 +11,20 @@ so no forward reads the routes on the host and one compiled graph serves every r
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mose.routing import Dispatch, dispatch, weight_on
 
-# (device type, dtype) pairs where torch._grouped_mm failed once: the loop serves them since.
+# (device, dtype) pairs where torch._grouped_mm said it does not support them: the loop serves
+# those since, and a warning said so once.
 _NO_NATIVE: set[tuple[str, torch.dtype]] = set()
-# CUDA's grouped GEMM is bf16-only (and needs sm90+: a failure falls back to the loop).
+# CUDA's grouped GEMM is bf16-only (and needs sm90+: an unsupported GPU falls back to the loop).
 _NATIVE_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
+log = logging.getLogger(__name__)
 
 
 def _strided_ok(t: torch.Tensor) -> bool:
@@ -35,9 +39,17 @@ def _strided_ok(t: torch.Tensor) -> bool:
 
 def _native(*tensors: torch.Tensor) -> bool:
     t = tensors[0]
-    key = (t.device.type, t.dtype)
-    return (t.dtype in _NATIVE_DTYPES.get(t.device.type, ()) and key not in _NO_NATIVE
+    return (t.dtype in _NATIVE_DTYPES.get(t.device.type, ()) and (str(t.device), t.dtype) not in _NO_NATIVE
             and all(u.dtype == t.dtype for u in tensors) and all(_strided_ok(u) for u in tensors))
+
+
+def _unsupported(error: Exception) -> bool:
+    """Whether torch._grouped_mm refused the device or dtype (a check of its own, before any
+    kernel ran), as opposed to failing on it: an illegal access, a device-side assert or a
+    driver error leaves the device unusable, and the loop must not hide it."""
+    message = str(error)
+    return isinstance(error, NotImplementedError) or (
+        "support" in message and "CUDA error" not in message and "CUBLAS_STATUS" not in message)
 
 
 def _try_native(tensors: tuple[torch.Tensor, ...], ends: torch.Tensor) -> torch.Tensor | None:
@@ -45,10 +57,13 @@ def _try_native(tensors: tuple[torch.Tensor, ...], ends: torch.Tensor) -> torch.
         return None
     try:
         return torch._grouped_mm(*tensors, offs=ends)
-    except torch.OutOfMemoryError:  # a real failure, which the loop would only repeat
-        raise
-    except RuntimeError:  # an unsupported GPU or build: remember, and loop from now on
-        _NO_NATIVE.add((tensors[0].device.type, tensors[0].dtype))
+    except (RuntimeError, NotImplementedError) as error:
+        if isinstance(error, torch.OutOfMemoryError) or not _unsupported(error):
+            raise
+        key = (str(tensors[0].device), tensors[0].dtype)
+        _NO_NATIVE.add(key)
+        log.warning("torch._grouped_mm does not support %s %s here (%s); experts on it run as a loop "
+                    "over their groups from now on, which is slower", *key, error)
         return None
 
 
