@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -210,20 +211,33 @@ def with_routing_losses(output: ModelOutput, losses: dict[str, torch.Tensor]) ->
     return routing_output_class(type(output))(**{**output, **losses})
 
 
-@cache
+_OUTPUT_CLASSES: dict[type[ModelOutput], type[ModelOutput]] = {}
+
+
 def routing_output_class(base: type[ModelOutput]) -> type[ModelOutput]:
     """`base`, a transformers output dataclass, with `router_loss` and `aux_loss` fields.
 
     A key set on an output that its class lacks is lost wherever the output is rebuilt from
     its keys: DDP with find_unused_parameters flattens the forward's output and rebuilds it
     as `type(output)(**keys)`, which raised on `router_loss` at the first teacher-forced step.
+    Made once per class, before any forward (`mose_classes`): making a class inside a compiled
+    forward would break its graph.
     """
-    fields = {"router_loss": torch.Tensor | None, "aux_loss": torch.Tensor | None}
-    namespace = {"__annotations__": fields, **dict.fromkeys(fields), "__module__": __name__,
-                 "__qualname__": f"MoSE{base.__name__}"}
-    output_class = dataclasses.dataclass(type(f"MoSE{base.__name__}", (base,), namespace))
-    globals()[output_class.__name__] = output_class  # importable by name, like any class
-    return output_class
+    if base not in _OUTPUT_CLASSES:
+        fields = {"router_loss": torch.Tensor | None, "aux_loss": torch.Tensor | None}
+        namespace = {"__annotations__": fields, **dict.fromkeys(fields), "__module__": __name__,
+                     "__qualname__": f"MoSE{base.__name__}"}
+        output_class = dataclasses.dataclass(type(f"MoSE{base.__name__}", (base,), namespace))
+        globals()[output_class.__name__] = output_class  # importable by name, like any class
+        _OUTPUT_CLASSES[base] = output_class
+    return _OUTPUT_CLASSES[base]
+
+
+def _returned_outputs(forward) -> list[type[ModelOutput]]:
+    """The output classes a transformers forward says it returns."""
+    returned = typing.get_type_hints(forward).get("return")
+    options = typing.get_args(returned) or (returned,)
+    return [o for o in options if isinstance(o, type) and issubclass(o, ModelOutput)]
 
 
 @cache
@@ -247,6 +261,8 @@ def mose_classes(arch: Arch) -> tuple[type, type]:
     )
     globals()[config_class.__name__] = config_class  # importable by name, like any class
     globals()[model_class.__name__] = model_class
+    for output in _returned_outputs(base_model.forward):
+        routing_output_class(output)
     return config_class, model_class
 
 

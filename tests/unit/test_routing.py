@@ -170,6 +170,19 @@ def test_skill_chains_and_label_checks_read_the_device_once_per_batch(tiny):
     assert OnDevice.reads == 1
 
 
+def test_routing_losses_survive_the_rebuild_ddp_makes_of_an_output(tiny):
+    """DDP with find_unused_parameters flattens a forward's output and rebuilds it from its keys."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    model, processor = converted(tiny)
+    token_moe = mose.convert(tiny("qwen2_vl")[0], mose.TokenMoEConfig())
+    inputs = vl_batch(processor, [0, 1])
+    outputs = {"router_loss": model(**inputs, skill_labels=[{}, {}]), "aux_loss": token_moe(**inputs)}
+    for key, out in outputs.items():
+        rebuilt = tree_unflatten(*tree_flatten(out))
+        assert type(rebuilt) is type(out) and torch.equal(rebuilt[key], out[key])
+
+
 def test_skill_labels_are_refused_by_the_token_moe_baseline(tiny):
     model, processor = tiny("qwen2_vl")
     model = mose.convert(model, mose.TokenMoEConfig())
