@@ -1,6 +1,8 @@
 """What a GPU run meets and an fp32 CPU run does not: autocast dtypes, bf16 weights,
 checkpointing, forced routes a fitted router disagrees with, generation from a filled cache."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -273,3 +275,70 @@ def test_a_grouped_matmul_the_device_refuses_falls_back_loudly_and_a_device_erro
     torch.testing.assert_close(got, torch.cat([x[:2] @ w[0], x[2:] @ w[2]]))
     assert experts._NO_NATIVE == {("cpu", torch.float32)}
     assert len(caplog.records) == 1 and "does not support cpu torch.float32" in caplog.text
+
+
+@contextlib.contextmanager
+def partitioned_like_zero3(model):
+    """DeepSpeed ZeRO-3's contract, emulated: every weight is an empty tensor (its partition lives
+    elsewhere) except while the module that owns it runs: its forward pre-hook gathers the module's
+    own weights (not its children's), its forward hook frees them again. A weight read anywhere
+    else is empty, and the forward fails."""
+    whole = {p: p.data for p in model.parameters()}
+
+    def gather(module, *_):
+        for p in module.parameters(recurse=False):
+            p.data = whole[p]
+
+    def free(module, *_):
+        for p in module.parameters(recurse=False):
+            p.data = torch.empty(0, dtype=p.dtype)
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(gather),
+                                                     m.register_forward_hook(free, always_call=True))]
+    for module in model.modules():
+        free(module)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, data in whole.items():
+            p.data = data
+
+
+def test_the_zero3_emulation_catches_a_weight_read_outside_its_module(tiny):
+    model, processor = tiny("qwen2_vl")
+    head = model.lm_head
+    with partitioned_like_zero3(model), pytest.raises(RuntimeError):
+        torch.nn.functional.linear(torch.ones(1, head.in_features), head.weight)
+
+
+@pytest.mark.parametrize("cfg", BLOCK_KINDS, ids=BLOCK_IDS)
+def test_every_expert_weight_is_read_inside_its_own_modules_call_as_zero3_needs(tiny, cfg):
+    """ZeRO-3 gathers a module's partitioned weights (with prefetch) when the module is called;
+    experts read from their block's forward would be read empty, or gathered late one by one."""
+    model, processor = routed(tiny, cfg)
+    inputs, labels = vl_batch(processor, [0, 1, 2, 3]), skill_labels_for(cfg)
+    with torch.no_grad():
+        want = model(**inputs, skill_labels=labels).logits
+        with partitioned_like_zero3(model):
+            got = model(**inputs, skill_labels=labels).logits
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("cfg", [mose.MoSEConfig(top_k=2), mose.MoSEConfig(experts="lora", lora_rank=4)],
+                         ids=["full", "lora"])
+def test_a_decode_batch_of_one_route_reads_its_experts_inside_their_call_too(tiny, cfg):
+    model, _ = routed(tiny, cfg)
+    block = mose_blocks(model)[0]
+    x = torch.randn(3, 2, model.config.text_config.hidden_size)  # (B, T, H)
+    chosen, weights = torch.tensor([[1, 3]] * 3)[:, :cfg.top_k], torch.full((3, cfg.top_k), 1 / cfg.top_k)
+    if cfg.experts == "lora":
+        run = lambda: block.experts.by_common((1, 3), chosen, weights)("gate", x)  # noqa: E731
+    else:
+        run = lambda: block.experts.by_common(x, (1, 3), chosen, weights)  # noqa: E731
+    with torch.no_grad():
+        want = run()
+        with partitioned_like_zero3(block):
+            got = run()
+    torch.testing.assert_close(got, want)

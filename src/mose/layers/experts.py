@@ -12,6 +12,8 @@ so no forward reads the routes on the host and one compiled graph serves every r
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +157,21 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     return _grouped_mm_impl(x, w, ends)
 
 
-class Experts(nn.Module):
+class StackedExperts(nn.Module):
+    """Stacked expert weights whose every computation runs inside the module's own call.
+
+    Engines that hold weights partitioned until the module owning them runs (DeepSpeed
+    ZeRO-3 gathers a module's weights in its forward pre-hook, and prefetches the next
+    module's) see these weights only when read there; read from a block's forward, they
+    would be gathered late, one at a time, or not at all. So each public computation is
+    `self(compute, *args)`, and `forward` runs it.
+    """
+
+    def forward(self, compute: Callable[..., Any], *args: Any) -> Any:
+        return compute(*args)
+
+
+class Experts(StackedExperts):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  act_fn: nn.Module, dtype: torch.dtype | None = None,
                  device: torch.device | None = None) -> None:
@@ -180,6 +196,9 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on x of shape (..., H) → (..., H)."""
+        return self(self._expert, e, x)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self._run(self.gate_up_proj[e], self.down_proj[e], x)
 
     def _run(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -200,6 +219,10 @@ class Experts(nn.Module):
         matmul per projection): no per-token gather, no host sync. `plan` (from
         `mose.routing.dispatch`) may be passed in to reuse one grouping across decode steps.
         """
+        return self(self._by_sample, x, experts, weights, plan)
+
+    def _by_sample(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                   plan: Dispatch | None) -> torch.Tensor:
         batch, seq, hidden = x.shape
         k = experts.shape[1]
         plan = dispatch(experts, self.num_experts) if plan is None else plan
@@ -221,12 +244,16 @@ class Experts(nn.Module):
 
         x: (B, T, H); experts, weights: (B, k), every row a permutation of `common`.
         """
+        return self(self._by_common, x, common, experts, weights)
+
+    def _by_common(self, x: torch.Tensor, common: tuple[int, ...], experts: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
         if len(common) == 1 and not weights.requires_grad:  # top-1's weight is 1 in value
-            return self.expert(common[0], x)
+            return self._expert(common[0], x)
         out = None  # summed in the experts' output dtype (bf16 under autocast), as by_sample does
         for e in common:
             w = weight_on(experts, weights, e)  # (B,)
-            y = self.expert(e, x)
+            y = self._expert(e, x)
             y = y * w[:, None, None].to(y.dtype)
             out = y if out is None else out + y
         return out
@@ -238,6 +265,9 @@ class Experts(nn.Module):
         x: (N, H); experts, weights: (N, k). Token slots are sorted by expert on the
         device and each expert runs once on its contiguous group (grouped matmuls).
         """
+        return self(self._by_token, x, experts, weights)
+
+    def _by_token(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         num_tokens, k = experts.shape
         plan = dispatch(experts, self.num_experts)
         ys = self.grouped(x.index_select(0, plan.source), plan.ends)  # (N·k, H), by expert

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mose.config import LORA_TARGETS
-from mose.layers.experts import grouped_linear
+from mose.layers.experts import StackedExperts, grouped_linear
 from mose.routing import dispatch, weight_on
 
 # (target, input of that projection (..., in)) → the delta's output (..., out), or None
@@ -35,7 +35,7 @@ from mose.routing import dispatch, weight_on
 DeltaFn = Callable[[str, torch.Tensor], torch.Tensor | None]
 
 
-class LoRAExperts(nn.Module):
+class LoRAExperts(StackedExperts):
     """E LoRA deltas of a gated FFN's projections, stacked per target.
 
     Keeps `num_experts` like `Experts`, so blocks and analysis read the expert count the
@@ -90,9 +90,15 @@ class LoRAExperts(nn.Module):
         """Expert e's dense delta of `target`, scale · B @ A, (out, in): for merging and tests."""
         return self.scale * self.B(target)[e] @ self.A(target)[e]
 
+    def _called(self, delta: DeltaFn) -> DeltaFn:
+        """`delta`, run inside this module's call whenever it is applied (`StackedExperts`)."""
+        return lambda target, z: self(delta, target, z)
+
     def always(self, e: int = 0) -> DeltaFn:
         """Expert e's delta for every row (the shared expert's): (..., in) → (..., out)."""
+        return self._called(self._always(e))
 
+    def _always(self, e: int) -> DeltaFn:
         def delta(target: str, z: torch.Tensor) -> torch.Tensor | None:
             if target not in self.dims:
                 return None
@@ -108,7 +114,7 @@ class LoRAExperts(nn.Module):
         (B, k), every row a permutation of `common`; the delta maps (B, T, in) → (B, T, out)."""
         if len(common) == 1 and not weights.requires_grad:  # top-1's weight is 1 in value
             return self.always(common[0])
-        mixes = [(self.always(e), weight_on(experts, weights, e)) for e in common]  # (B,) weights
+        mixes = [(self._always(e), weight_on(experts, weights, e)) for e in common]  # (B,) weights
 
         def delta(target: str, z: torch.Tensor) -> torch.Tensor | None:
             if target not in self.dims:
@@ -120,7 +126,7 @@ class LoRAExperts(nn.Module):
                 total = y if total is None else total + y
             return total
 
-        return delta
+        return self._called(delta)
 
     def by_sample(self, experts: torch.Tensor, weights: torch.Tensor) -> DeltaFn:
         """Each sample's own top-k deltas for all its tokens, in batched matmuls (no loop
@@ -147,7 +153,7 @@ class LoRAExperts(nn.Module):
             b = b.permute(0, 2, 1, 3).reshape(batch, d_out, k * self.rank)  # (B, out, k·r)
             return torch.bmm(low.reshape(batch, seq, k * self.rank), b.transpose(1, 2))  # (B, T, out)
 
-        return delta
+        return self._called(delta)
 
     def by_token(self, experts: torch.Tensor, weights: torch.Tensor) -> DeltaFn:
         """Each token's own top-k deltas. experts, weights: (N, k); the returned delta maps
@@ -169,7 +175,7 @@ class LoRAExperts(nn.Module):
             out = ys.index_select(0, plan.inverse)  # (N·k, out) in slot order
             return out if k == 1 else out.view(num_tokens, k, -1).sum(1)  # (N, out)
 
-        return delta
+        return self._called(delta)
 
 
 def combine(*deltas: DeltaFn | None) -> DeltaFn:
