@@ -10,6 +10,7 @@ checked as a unit, from the shipped configs exactly as `accelerate launch` reads
 from __future__ import annotations
 
 import json
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -249,3 +250,30 @@ def test_bf16_mixed_precision_holds_frozen_weights_in_bf16_and_gives_them_back_e
     frozen = [n for n in before if not any(part in n for part in trained)]
     assert all(after[n].dtype == torch.float32 and torch.equal(after[n], before[n]) for n in frozen)
     assert any(not torch.equal(after[n], before[n]) for n in after if ".experts.B_" in n)  # they trained
+
+
+def test_records_with_and_without_images_are_refused_under_sharding_only(world):
+    """A process whose micro-batch has no image skips the vision tower, whose sharded weights the
+    other processes then gather alone (a hang, or gloo's collective mismatch)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from mose.data import read_jsonl
+    from mose.train.run import StageData, _check_images_under_sharding
+
+    samples = list(read_jsonl(world))[:4]
+    text_only = [replace(s, images=[]) for s in samples]
+    data = {"images": samples, "text": text_only, "mixed": samples[:3] + text_only[3:]}
+    refusal = r"r.yaml: stage 'sft': mixed.jsonl mixes records with images and 1 without \(the first: "
+    for kind, processes in ((DistributedType.FSDP, 2), (DistributedType.DEEPSPEED, 8),
+                            (DistributedType.MULTI_GPU, 2), (DistributedType.FSDP, 1)):
+        accelerator = SimpleNamespace(distributed_type=kind, num_processes=processes)
+        for name, records in data.items():
+            stage_data = StageData(records, [], f"{name}.jsonl")
+            if name == "mixed" and kind != DistributedType.MULTI_GPU and processes > 1:
+                with pytest.raises(RecipeError, match=refusal + re.escape(samples[3].id)):
+                    _check_images_under_sharding(stage_data, accelerator, "r.yaml: stage 'sft'")
+            else:
+                _check_images_under_sharding(stage_data, accelerator, "r.yaml: stage 'sft'")

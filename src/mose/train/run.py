@@ -33,7 +33,7 @@ from mose.models.loading import is_converted, load_model, model_type_of
 from mose.skills.taxonomy import Taxonomy
 from mose.train.checkpoint import RECIPE_FILE, is_complete, save_model
 from mose.train.data import EncodingCache, RecordCache, fraction_of, labelled_split
-from mose.train.loop import LoopContext, train_stage
+from mose.train.loop import SHARDED, LoopContext, train_stage
 from mose.train.recipe import BackboneStage, ConvertStage, Recipe, RecipeError, RouterStage, SFTStage
 from mose.train.router_fit import fit_routers
 from mose.train.stages import backbone_plan, sft_plan
@@ -139,7 +139,10 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     if mixed_precision == "auto":
         mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
             "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
-    # Experts that no sample of a micro-batch chose get no gradient; DDP must allow it.
+    # A step may leave trained weights unreached: the vision tower of a stage that trains it,
+    # on a micro-batch without an image. DDP then reduces them as zeros rather than wait for
+    # them (the cost: one walk of the autograd graph per step). Routing leaves none unreached:
+    # a block's experts are one stacked weight, whose rows no sample chose get zeros.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     # Without cpu=True, processes started by `accelerate launch` on a machine with no GPU
     # each run alone (DistributedType.NO) instead of joining one gloo group.
@@ -195,6 +198,8 @@ def cap_image_pixels(processor: Any, max_pixels: int) -> None:
 def _run_training(model, processor, recipe: Recipe, name: str, stage, data: StageData,
                   accelerator: Accelerator, resume: bool, progress: bool,
                   encodings: EncodingCache) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    if not isinstance(stage, RouterStage):  # the router stage pools on the whole model
+        _check_images_under_sharding(data, accelerator, f"{recipe.source}: stage {name!r}")
     taxonomy = getattr(getattr(model, "mose_config", None), "taxonomy", None)
     encoder = SampleEncoder(processor, taxonomy, recipe.data.max_length, source=data.source)
     collator = Collator(getattr(processor, "tokenizer", processor).pad_token_id, padding_side="right")
@@ -211,6 +216,22 @@ def _run_training(model, processor, recipe: Recipe, name: str, stage, data: Stag
     plan = (backbone_plan if isinstance(stage, BackboneStage) else sft_plan)(name, model, stage, dataset)
     state_dict = train_stage(model, plan, ctx, resume)
     return plan.metrics, state_dict
+
+
+def _check_images_under_sharding(data: StageData, accelerator: Accelerator, where: str) -> None:
+    """Under FSDP or DeepSpeed every process runs the vision tower in a step or none does: a
+    process whose micro-batch has no image skips it, and the others' gathers of its sharded
+    weights then wait for a partner that never comes (a hang, or gloo's collective mismatch)."""
+    if accelerator.distributed_type not in SHARDED or accelerator.num_processes == 1:
+        return
+    without = [s for s in data.train if not s.images]
+    if without and len(without) < len(data.train):
+        raise RecipeError(
+            f"{where}: {data.source} mixes records with images and {len(without)} without (the first: "
+            f"{without[0].id}); under {accelerator.distributed_type.value} a micro-batch without an "
+            "image leaves the vision tower's sharded weights ungathered on its process while the "
+            "others wait for it. Train the text-only records in a stage of their own, or launch with "
+            "configs/accelerate/ddp.yaml")
 
 
 def check_recipe(recipe: Recipe) -> dict[str, StageData]:
