@@ -71,15 +71,52 @@ def test_the_deepspeed_config_is_completed_from_the_stage(name, monkeypatch):
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["train_batch_size"] == 24 and config["gradient_accumulation_steps"] == 1
     assert config["gradient_clipping"] == 0.5
-    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    # bf16 as torch autocast over float32 weights, not DeepSpeed's own bf16 (which casts them)
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert not plugin.is_auto("train_micro_batch_size_per_gpu")  # prepare now has its batch size
 
     no_clip = deepspeed_plugin(CONFIGS / name, monkeypatch).deepspeed_config
     complete_deepspeed_config(no_clip, SFTStage(max_grad_norm=None), "bf16", world=2)
     assert no_clip["gradient_clipping"] == 0.0  # DeepSpeed's "no clipping"
     launched_bf16 = deepspeed_plugin(CONFIGS / name, monkeypatch).deepspeed_config
-    with pytest.raises(ValueError, match="bf16.enabled: True but mixed_precision asks for False"):
-        complete_deepspeed_config(launched_bf16, SFTStage(), "no", world=2)  # the accelerator's, always
+    assert launched_bf16["bf16"]["enabled"] is True  # as accelerate fills it from mixed_precision
+    complete_deepspeed_config(launched_bf16, SFTStage(), "no", world=2)  # the accelerator's, always
+    assert launched_bf16["torch_autocast"] == {"enabled": False} and not launched_bf16["bf16"]["enabled"]
+
+
+def deepspeed_casts(model, config) -> None:
+    """What DeepSpeed 0.19's engine does to a model's weights when it starts
+    (`_configure_distributed_model` → `_cast_module_mixed_precision`): with its own bf16 or
+    fp16 mode on, every floating weight is cast parameter by parameter, `p.data = p.data.to(dtype)`,
+    so no module's `_apply` (Router's keeps float32) is ever asked."""
+    dtype = (torch.bfloat16 if config["bf16"]["enabled"] else torch.float16 if config["fp16"]["enabled"]
+             else None)
+    for p in model.parameters():
+        if dtype is not None and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+@pytest.mark.parametrize("name", ["deepspeed-zero2.yaml", "deepspeed-zero3.yaml"])
+def test_routers_keep_their_float32_weights_through_deepspeeds_start(name, tiny, monkeypatch):
+    import copy
+
+    import mose
+    from mose.layers import Router
+
+    model = mose.convert(tiny("qwen2_vl")[0], mose.MoSEConfig(taxonomy="driving"))
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    saved = [{k: v.clone() for k, v in r.state_dict().items()} for r in routers]
+    as_launched = deepspeed_plugin(CONFIGS / name, monkeypatch).deepspeed_config
+    rounded = copy.deepcopy(model)
+    deepspeed_casts(rounded, as_launched)  # what DeepSpeed's own bf16 mode would have done
+    dtypes = {p.dtype for m in rounded.modules() if isinstance(m, Router) for p in m.parameters()}
+    assert dtypes == {torch.bfloat16}
+
+    deepspeed_casts(model, complete_deepspeed_config(as_launched, SFTStage(), "bf16", world=8))
+    for router, state in zip(routers, saved, strict=True):
+        for key, value in router.state_dict().items():
+            assert value.dtype == torch.float32 and torch.equal(value, state[key]), key
 
 
 def test_a_deepspeed_value_that_disagrees_with_the_recipe_is_an_error(monkeypatch):

@@ -111,12 +111,19 @@ def train_stage(model: nn.Module, plan: StagePlan, ctx: LoopContext,
 
 def frozen_in_compute_dtype(model: nn.Module, acc: Accelerator):
     """Under bf16 mixed precision, the stage's frozen weights held in bf16 (`mose.train.precision`)
-    while it runs. Not under FSDP2, whose units need one dtype (its policy gathers weights in
-    bf16 already), nor DeepSpeed, which casts every weight itself; not under fp16, whose range a
-    residual stream held in it could overflow."""
-    if acc.mixed_precision != "bf16" or acc.distributed_type in SHARDED:
+    while it runs. Not where the engine partitions weights (FSDP2, whose units need one dtype and
+    whose policy gathers weights in bf16 already; ZeRO-3), nor under fp16, whose range a residual
+    stream held in it could overflow."""
+    if acc.mixed_precision != "bf16" or partitions_weights(acc):
         return nullcontext()
     return held_in(weights(model, frozen_only=True), torch.bfloat16)
+
+
+def partitions_weights(acc: Accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3)."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return acc.state.deepspeed_plugin.zero_stage == 3
+    return acc.distributed_type == DistributedType.FSDP
 
 
 def _train(model: nn.Module, plan: StagePlan, ctx: LoopContext, resume: bool) -> nn.Module:
@@ -208,31 +215,40 @@ def replicated_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, Router)]
 
 
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
 def complete_deepspeed_config(config: dict[str, Any], opts: TrainOptions, mixed_precision: str,
                               world: int, stage: str = "stage") -> dict[str, Any]:
     """Fill, in place, the DeepSpeed config keys accelerate would take from a DataLoader
     (which the loop does not have) or from its own defaults (clipping at 1.0): the stage's
     micro-batch, no accumulation inside the engine (mose accumulates), the recipe's clipping
-    (0: none) and the mixed precision. A value set explicitly to something else is an error,
-    not silently overridden either way."""
+    (0: none). A value set explicitly to something else is an error, not silently overridden
+    either way.
+
+    Half precision runs as DeepSpeed's `torch_autocast`, the mixed precision every other
+    launcher gets: weights stay float32 and matmuls compute in half precision. DeepSpeed's own
+    `bf16` / `fp16` modes (which accelerate turns on from mixed_precision) instead cast every
+    weight parameter by parameter (`p.data = p.data.to(dtype)`), routers included, whose
+    rounded weights flip skills; mose turns them off whatever the launcher filled in.
+    """
     clip = opts.max_grad_norm or 0.0
     wanted = {"train_micro_batch_size_per_gpu": opts.batch_size, "gradient_accumulation_steps": 1,
-              "train_batch_size": opts.batch_size * world, "gradient_clipping": clip,
-              "bf16.enabled": mixed_precision == "bf16", "fp16.enabled": mixed_precision == "fp16"}
+              "train_batch_size": opts.batch_size * world, "gradient_clipping": clip}
     recipe_key = {"train_micro_batch_size_per_gpu": "batch_size", "train_batch_size": "batch_size",
                   "gradient_accumulation_steps": "grad_accum", "gradient_clipping": "max_grad_norm"}
     for key, value in wanted.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        current = node.get(leaf, "auto")
+        current = config.get(key, "auto")
         if current == "auto":
-            node[leaf] = value
+            config[key] = value
         elif _differs(current, value):
-            theirs = f"stages.{stage}.{recipe_key[key]}" if key in recipe_key else "mixed_precision"
-            raise ValueError(f"the DeepSpeed config sets {key}: {current!r} but {theirs} asks for "
-                             f"{value!r}; set it to 'auto' (or remove it) so that the recipe decides")
+            raise ValueError(f"the DeepSpeed config sets {key}: {current!r} but stages.{stage}."
+                             f"{recipe_key[key]} asks for {value!r}; set it to 'auto' (or remove it) so "
+                             "that the recipe decides")
+    half = AUTOCAST_DTYPES.get(mixed_precision)
+    config["bf16"] = {**config.get("bf16", {}), "enabled": False}
+    config["fp16"] = {**config.get("fp16", {}), "enabled": False}
+    config["torch_autocast"] = {"enabled": half is not None, **({"dtype": half} if half else {})}
     return config
 
 
