@@ -113,3 +113,46 @@ def test_the_probe_separates_what_a_raw_scale_hides():
     assert cross_validated_accuracy(x, labels, 3) >= 0.95
     probe = fit_linear_probe(x[:200], labels[:200], 3)
     assert probe.accuracy(x[200:], labels[200:]) >= 0.95
+
+
+def test_the_stage_scores_its_routers_in_every_precision_it_fits_them_in(routed):
+    metrics = routed[0]["router"]
+    for level in ("perception", "interpretation", "planning", "chain"):
+        bf16 = metrics[f"router_acc/bfloat16/{level}"]
+        assert 0.0 <= bf16 <= 1.0 and bf16 == pytest.approx(metrics[f"router_acc/{level}"], abs=0.05)
+    assert 0.9 <= metrics["router_acc/agree"] <= 1.0  # whole chains the same in float32 and bfloat16
+
+
+def test_the_consistency_term_makes_routes_survive_what_the_precision_moves():
+    """Synthetic pooled inputs: the skill shows along two directions, and the 'bf16' inputs differ
+    from the 'fp32' ones along the second only, by a per-sample offset as large as the signal.
+    Fitted on both without the gap term, routers use that direction too, and routes flip between
+    the precisions; with it they read the first direction alone, and no route flips."""
+    from mose.layers import Router
+    from mose.train.router_fit import PooledInputs, precisions_loss
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (400,), generator=generator)
+    sign = labels.float() * 2 - 1  # (N,)
+    fp32 = torch.randn(400, 8, generator=generator) * 0.3
+    fp32[:, 0] += sign * 0.6
+    fp32[:, 1] += sign * 0.6
+    bf16 = fp32.clone()
+    bf16[:, 1] += torch.randn(400, generator=generator) * 0.8  # what the precision moves
+    inputs = {p: PooledInputs({0: x}, labels[:, None]) for p, x in (("float32", fp32), ("bfloat16", bf16))}
+
+    def flips(consistency: float) -> int:
+        torch.manual_seed(0)
+        router = Router(8, 2)
+        optimizer = torch.optim.AdamW(router.parameters(), lr=1e-2)
+        for _ in range(300):
+            rows = torch.randint(0, 400, (32,), generator=generator)
+            loss = precisions_loss({0: router}, {0: 0}, inputs, rows, consistency)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            return int((router(fp32).argmax(-1) != router(bf16).argmax(-1)).sum())
+
+    assert flips(0.0) >= 10
+    assert flips(10.0) <= flips(0.0) // 5

@@ -110,10 +110,21 @@ class RouterStage(TrainOptions):
     labelled: int | None = None  # skill-labelled samples to learn from (None: all there are)
     eval_size: int = 200  # held out from the labelled pool when data.eval is not given
     patience: int = 20  # epochs without a better held-out score before the fit stops
+    # The dtypes the model will answer in. A bf16 forward moves the pooled inputs a router reads
+    # by about as much as one skill's inputs differ from another's, so the routers are fitted on
+    # the inputs of a forward in each (the weights held in it meanwhile) and scored in each.
+    precisions: list[Literal["float32", "bfloat16", "float16"]] = field(
+        default_factory=lambda: ["float32", "bfloat16"])
+    # Weight of the squared gap between a sample's router logits in the first precision and in
+    # the others: near a boundary, what decides a route must not be what the precision rounds.
+    consistency: float = 10.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range(self, eval_size=(1, None, True), patience=(1, None, True))
+        check_range(self, eval_size=(1, None, True), patience=(1, None, True),
+                    consistency=(0.0, None, True))
+        if not self.precisions or len(set(self.precisions)) != len(self.precisions):
+            raise RecipeError(f"precisions is {self.precisions!r}; name each dtype once, at least one")
 
 
 @dataclass

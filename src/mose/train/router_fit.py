@@ -6,15 +6,19 @@ MoSE layer) gives every labelled sample's pooled input at every MoSE layer,
 and the routers then train on those cached inputs alone, epoch after epoch,
 at the cost of a few small matrix products per step:
 
-1. pool: the labelled training and held-out samples' router inputs, (N, H) per layer;
+1. pool: the labelled training and held-out samples' router inputs, (N, H) per layer,
+   from a forward in each of the stage's `precisions` (the dtypes the model will answer
+   in: a bf16 forward moves the pooled inputs by about as much as skills differ);
 2. standardise: each router's input statistics, fitted on the training inputs and
    saved with the model (see `Router`);
-3. fit: AdamW on the mean skill cross-entropy over layers (DESIGN §6), scored on the
-   held-out inputs after every epoch; the best epoch's routers are kept, and the fit
-   stops once `patience` epochs bring no better one (or at `epochs` / `max_steps`);
+3. fit: AdamW on the mean skill cross-entropy over layers (DESIGN §6) on the inputs of
+   every precision, scored on the held-out inputs after every epoch (the mean over
+   precisions); the best epoch's routers are kept, and the fit stops once `patience`
+   epochs bring no better one (or at `epochs` / `max_steps`);
 4. measure: the kept routers' held-out accuracy with their own routes (as predictions
-   and `mose analyze` read skill chains), beside the ceiling of a linear probe fitted
-   on the same inputs (`mose.probe`).
+   and `mose analyze` read skill chains) in each precision, how often the precisions
+   choose the same chain, and the ceiling of a linear probe fitted on the first
+   precision's inputs (`mose.probe`).
 
 Under several processes each pools its share of the samples and all of them
 gather the whole set, then fit the same routers from the same seed.
@@ -32,8 +36,10 @@ from transformers import get_scheduler
 
 from mose.data.collate import Collator, EncodedDataset
 from mose.layers import MoSEBlock, expert_blocks, skill_routing_loss
+from mose.models.device import DTYPES
 from mose.probe import probe_accuracy
 from mose.train.loop import SCHEDULES, LoopContext, StageLogger, adamw, freeze_all_but
+from mose.train.precision import held_in, weights
 from mose.train.recipe import RouterStage
 
 TIE = 1e-9  # held-out accuracies closer than this are equal
@@ -48,6 +54,22 @@ class PooledInputs:
 
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+    @classmethod
+    def joined(cls, parts: list[PooledInputs]) -> PooledInputs:
+        """Several sets of inputs as one (each sample once per set)."""
+        return cls({k: torch.cat([p.features[k] for p in parts]) for k in parts[0].features},
+                   torch.cat([p.labels for p in parts]))
+
+
+def pool_in_precisions(model: nn.Module, dataset: EncodedDataset, collator: Collator, batch_size: int,
+                       acc: Accelerator, precisions: list[str]) -> dict[str, PooledInputs]:
+    """`pool_inputs` from a forward in each precision (the weights held in it meanwhile)."""
+    pooled = {}
+    for name in precisions:
+        with held_in(weights(model), DTYPES[name]):
+            pooled[name] = pool_inputs(model, dataset, collator, batch_size, acc)
+    return pooled
 
 
 @torch.no_grad()
@@ -95,25 +117,29 @@ def fit_routers(model: nn.Module, name: str, stage: RouterStage, dataset: Encode
     if len(held_out) == 0:
         raise ValueError(f"stage {name!r}: no held-out labelled samples to choose the routers' epoch by; "
                          "raise eval_size or set data.eval")
-    train = pool_inputs(model, dataset, ctx.collator, stage.batch_size, acc)
-    held = pool_inputs(model, held_out, ctx.collator, stage.batch_size, acc)
+    train = pool_in_precisions(model, dataset, ctx.collator, stage.batch_size, acc, stage.precisions)
+    held = pool_in_precisions(model, held_out, ctx.collator, stage.batch_size, acc, stage.precisions)
+    every = PooledInputs.joined(list(train.values()))
     for block in blocks:
-        block.router.fit_standardisation(train.features[block.layer_idx])
+        block.router.fit_standardisation(every.features[block.layer_idx])
     levels = {b.layer_idx: b.level for b in blocks}
     routers = {b.layer_idx: b.router for b in blocks}
     metrics = _fit(model, routers, levels, train, held, stage, ctx, name)
-    metrics.update(_probe_ceiling(model, levels, train, held))
-    metrics.update(router_accuracy(model, held_out, ctx.collator, stage.batch_size))
+    first = stage.precisions[0]
+    metrics.update(_probe_ceiling(model, levels, train[first], held[first]))
+    metrics.update(chain_accuracy(model, held_out, ctx.collator, stage.batch_size, stage.precisions))
     return metrics
 
 
-def _fit(model: nn.Module, routers: dict[int, nn.Module], levels: dict[int, int], train: PooledInputs,
-         held: PooledInputs, stage: RouterStage, ctx: LoopContext, name: str) -> dict[str, float]:
+def _fit(model: nn.Module, routers: dict[int, nn.Module], levels: dict[int, int],
+         train: dict[str, PooledInputs], held: dict[str, PooledInputs], stage: RouterStage,
+         ctx: LoopContext, name: str) -> dict[str, float]:
     named = freeze_all_but(model, list(routers.values()))
     params = [p for _, p in named]
+    samples = len(next(iter(train.values())))
     # batch_size is per process, as in every stage: each step fits the global batch's samples.
-    batch = min(stage.batch_size * ctx.accelerator.num_processes, len(train))
-    steps_per_epoch = len(train) // batch
+    batch = min(stage.batch_size * ctx.accelerator.num_processes, samples)
+    steps_per_epoch = samples // batch
     total = stage.max_steps or max(1, round(stage.epochs * steps_per_epoch))
     optimizer = adamw(params, stage.lr, stage.weight_decay)
     scheduler = get_scheduler(SCHEDULES[stage.schedule], optimizer, num_training_steps=total,
@@ -125,9 +151,9 @@ def _fit(model: nn.Module, routers: dict[int, nn.Module], levels: dict[int, int]
     last: dict[str, float] = {}
     try:
         for epoch in range(1, math.ceil(total / steps_per_epoch) + 1):
-            order = torch.randperm(len(train), generator=generator)
+            order = torch.randperm(samples, generator=generator)
             for rows in order[:steps_per_epoch * batch].view(steps_per_epoch, batch):  # (steps, B)
-                loss = pooled_skill_loss(routers, levels, train, rows.to(train.labels.device))
+                loss = precisions_loss(routers, levels, train, rows, stage.consistency)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm or math.inf)
                 optimizer.step()
@@ -160,6 +186,22 @@ def _fit(model: nn.Module, routers: dict[int, nn.Module], levels: dict[int, int]
     return {**last, "epochs": float(epoch), "best_epoch": float(best_epoch)}
 
 
+def precisions_loss(routers: dict[int, nn.Module], levels: dict[int, int], inputs: dict[str, PooledInputs],
+                    rows: torch.Tensor, consistency: float) -> torch.Tensor:
+    """The skill loss on `rows` of every precision's inputs (their mean), plus `consistency` times
+    the mean squared gap between a router's logits on a sample's first-precision inputs and on its
+    others. The gap penalty makes the routers read along directions where the precisions agree:
+    a sample near a boundary then stays on the side it is on whatever precision answers it."""
+    logits = {p: {k: router(x.features[k][rows.to(x.labels.device)]) for k, router in routers.items()}
+              for p, x in inputs.items()}  # precision → layer → (B, S)
+    losses = [skill_routing_loss(logits[p], levels, x.labels[rows.to(x.labels.device)])
+              for p, x in inputs.items()]
+    first, *others = logits.values()
+    gaps = [(other[k] - first[k]).square().mean() for other in others for k in first]
+    loss = sum(losses) / len(losses)
+    return loss + consistency * sum(gaps) / len(gaps) if gaps else loss
+
+
 def pooled_skill_loss(routers: dict[int, nn.Module], levels: dict[int, int], inputs: PooledInputs,
                       rows: torch.Tensor | None = None) -> torch.Tensor:
     """The routers' skill loss (`skill_routing_loss`) on cached inputs: `rows` of them, or all."""
@@ -169,13 +211,20 @@ def pooled_skill_loss(routers: dict[int, nn.Module], levels: dict[int, int], inp
 
 
 @torch.no_grad()
-def _held_out(routers: dict[int, nn.Module], levels: dict[int, int], held: PooledInputs) -> dict[str, float]:
-    """Per-layer accuracy on the held-out inputs (upstream routes forced right), mean and loss."""
-    accuracy = {k: float((router(held.features[k]).argmax(-1) == held.labels[:, levels[k]]).float().mean())
-                for k, router in routers.items()}
-    return {"held_out_acc": sum(accuracy.values()) / len(accuracy),
-            "held_out_loss": pooled_skill_loss(routers, levels, held).item(),
-            **{f"held_out_acc/layer_{k}": v for k, v in accuracy.items()}}
+def _held_out(routers: dict[int, nn.Module], levels: dict[int, int],
+              held: dict[str, PooledInputs]) -> dict[str, float]:
+    """Per-layer accuracy on the held-out inputs of each precision (upstream routes forced
+    right); their mean over layers and precisions, which chooses the epoch, and the loss."""
+    scores: dict[str, float] = {}
+    for precision, inputs in held.items():
+        right = {k: router(inputs.features[k]).argmax(-1) == inputs.labels[:, levels[k]]  # (N,)
+                 for k, router in routers.items()}
+        accuracy = {k: float(r.float().mean()) for k, r in right.items()}
+        scores[f"held_out_acc/{precision}"] = sum(accuracy.values()) / len(accuracy)
+        scores.update({f"held_out_acc/{precision}/layer_{k}": v for k, v in accuracy.items()})
+    means = [scores[f"held_out_acc/{p}"] for p in held]
+    loss = pooled_skill_loss(routers, levels, PooledInputs.joined(list(held.values())))
+    return {"held_out_acc": sum(means) / len(means), "held_out_loss": loss.item(), **scores}
 
 
 def _probe_ceiling(model: nn.Module, levels: dict[int, int], train: PooledInputs,
@@ -192,28 +241,49 @@ def _probe_ceiling(model: nn.Module, levels: dict[int, int], train: PooledInputs
     return {f"probe_acc/{k}": v for k, v in ceiling.items()}
 
 
+def chain_accuracy(model: nn.Module, dataset: EncodedDataset, collator: Collator, batch_size: int,
+                   precisions: list[str]) -> dict[str, float]:
+    """The routers' own choices on held-out samples in each precision (`router_accuracy`: the
+    first precision's as `router_acc/...`, the others' as `router_acc/PRECISION/...`), and how
+    often every precision chooses the same whole chain (`router_acc/agree`)."""
+    metrics: dict[str, float] = {}
+    chosen = []
+    for i, precision in enumerate(precisions):
+        with held_in(weights(model), DTYPES[precision]):
+            choices, labels = held_out_chains(model, dataset, collator, batch_size)
+        prefix = "router_acc/" if i == 0 else f"router_acc/{precision}/"
+        levels = model.mose_config.taxonomy.level_names
+        metrics.update({prefix + k: v for k, v in router_accuracy(choices, labels, levels).items()})
+        chosen.append(choices)
+    if len(chosen) > 1 and len(dataset):
+        metrics["router_acc/agree"] = float(torch.stack([(c == chosen[0]).all(1) for c in chosen]).all(0)
+                                            .float().mean())
+    return metrics
+
+
 @torch.no_grad()
-def router_accuracy(model: nn.Module, dataset: EncodedDataset, collator: Collator,
-                    batch_size: int) -> dict[str, float]:
-    """Held-out accuracy of the routers' own choices, read as skill chains (a level's skill is
-    its layers' majority, as `mose analyze` and every prediction report it): per level and whole."""
+def held_out_chains(model: nn.Module, dataset: EncodedDataset, collator: Collator,
+                    batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the routers' own chains, the labels), (N, L) skill indices each, read as `mose analyze` and
+    every prediction read skill chains (a level's skill is its layers' majority)."""
     model.eval()
     taxonomy = model.mose_config.taxonomy
     device = next(model.parameters()).device
-    right = torch.zeros(len(taxonomy.levels))
-    chains = count = 0
+    chosen, labels = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        labels = batch.pop("skill_labels")  # (B, L): taken out, so the routers choose alone
+        labels.append(batch.pop("skill_labels"))  # (B, L): taken out, so the routers choose alone
         with model.routing_only():
             model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-        chosen = torch.tensor([taxonomy.encode(c.as_dict()) for c in model.skill_chains()])  # (B, L)
-        hits = chosen == labels  # (B, L)
-        right += hits.sum(dim=0)
-        chains += int(hits.all(dim=1).sum())
-        count += labels.shape[0]
-    if count == 0:
+        chosen.append(torch.tensor([taxonomy.encode(c.as_dict()) for c in model.skill_chains()]))  # (B, L)
+    empty = torch.empty(0, len(taxonomy.levels), dtype=torch.long)
+    return (torch.cat(chosen), torch.cat(labels)) if chosen else (empty, empty)
+
+
+def router_accuracy(chosen: torch.Tensor, labels: torch.Tensor, levels: list[str]) -> dict[str, float]:
+    """Accuracy of chosen chains (N, L) against labels (N, L): per level, and of whole chains."""
+    if len(labels) == 0:
         return {}
-    metrics = {f"router_acc/{level}": float(right[i] / count) for i, level in enumerate(taxonomy.level_names)}
-    metrics["router_acc/chain"] = chains / count
-    return metrics
+    hits = chosen == labels  # (N, L)
+    return {**{level: float(hits[:, i].float().mean()) for i, level in enumerate(levels)},
+            "chain": float(hits.all(dim=1).float().mean())}
