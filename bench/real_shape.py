@@ -229,7 +229,7 @@ def check_activations(model, dataset: EncodedDataset, ctx: LoopContext, batch: i
     model.zero_grad(set_to_none=True)
     model.eval()
     shape = MicroBatch.of(collated, facts.merge)
-    predicted = activation_bytes(facts, shape, checkpointing=False)
+    predicted = activation_bytes(facts, shape)
     measured = sum(seen.values())
     ratio = predicted.saved / measured
     if not 0.85 <= ratio <= 1.15:

@@ -214,6 +214,8 @@ def estimate(
     ctx: typer.Context,
     config: Path = typer.Option(..., "--config", help="recipe YAML (see configs/)"),
     gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs to shard over (FSDP, ZeRO-2/3)"),
+    answer_tokens: int = typer.Option(512, "--answer-tokens", min=1,
+                                      help="answer tokens a sample: where the LM head and the loss run"),
 ) -> None:
     """Parameters and memory per GPU of each stage of a recipe; KEY=VALUE arguments override it.
 
@@ -223,7 +225,7 @@ def estimate(
     from mose.train import RecipeError
 
     try:
-        console.print(estimate_table(config, gpus, ctx.args))
+        console.print(estimate_table(config, gpus, ctx.args, answer_tokens))
     except (RecipeError, ValueError, FileNotFoundError) as error:
         fail(error)
 

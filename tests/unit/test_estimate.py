@@ -138,3 +138,33 @@ def test_an_unknown_hub_model_is_a_clear_error():
     recipe = recipe_from_dict({"model": "someone/unknown-vl", "output_dir": "x", "stages": STAGES})
     with pytest.raises(ValueError, match="no shape known offline"):
         estimate_recipe(recipe)
+
+
+def test_frozen_weights_held_in_bf16_are_counted_as_the_stage_holds_them():
+    """The estimate's weight bytes for a LoRA-MoSE SFT stage under bf16 mixed precision equal the
+    bytes of the model's parameters while the stage holds its frozen weights in bf16."""
+    from mose.train.precision import held_in, weights
+
+    recipe = tiny_recipe({"convert": {"mose": {"taxonomy": "driving", "experts": "lora", "lora_rank": 4}},
+                          "sft": {"batch_size": 2}}, max_pixels=112 * 112)
+    recipe.mixed_precision = "bf16"
+    sft = next(e for e in estimate_recipe(recipe) if e.name == "sft")
+    model, _ = mose.tiny_model("qwen2_vl", seed=0)
+    mose.convert(model, mose.MoSEConfig(taxonomy="driving", experts="lora", lora_rank=4))
+    plan = sft_plan("sft", model, SFTStage(), None)
+    freeze_all_but(model, plan.trainable, plan.frozen)
+    with held_in(weights(model, frozen_only=True), torch.bfloat16):
+        measured = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    ddp, fsdp = (next(g for g in sft.gpus if g.strategy == s) for s in ("DDP", "FSDP"))
+    assert ddp.weights == measured < sft.state.partitioned == fsdp.weights == 4 * sft.total
+
+
+def test_the_coda_lm_lora_recipes_sft_fits_12_gib_per_gpu():
+    """What the answer-only LM head and frozen weights in bf16 bring (15.7 GiB before them)."""
+    from pathlib import Path
+
+    config = Path(__file__).parents[2] / "configs" / "coda-lm" / "mose-lora.yaml"
+    sft = next(e for e in estimate_path(config) if e.name == "sft")
+    ddp = next(g for g in sft.gpus if g.strategy == "DDP")
+    assert ddp.total <= 12 * GIB
+    assert ddp.weights < 0.55 * sft.state.partitioned  # the frozen base in bf16

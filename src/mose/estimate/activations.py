@@ -17,13 +17,15 @@ bf16) and everything frozen below the first trained module:
   block, the routed output the route weight scales (a·BTH);
 - once per forward: the attention mask (a·BT², with padding), m-RoPE's cos and sin
   (2 × a·BT·head_dim), the final norm (4·BTH) and the log-softmax of the fp32 logits
-  over the vocabulary (4·B(T-1)V), the largest term at Qwen's 151,936 tokens.
+  over the vocabulary at the N positions that predict an answer token (4·NV: the LM
+  head runs there only), the largest term at Qwen's 151,936 tokens.
 
 With gradient checkpointing (transformers' non-reentrant kind, per decoder layer)
-the forward keeps each checkpointed layer's input (4·BTH: the fp32 residual stream
-under autocast) and backward recomputes one layer at a time, so the peak adds the
-largest single layer. The vision tower is frozen in every mose stage and saves
-nothing; its no-grad forward is not counted.
+the forward keeps each checkpointed layer's input (r·BTH: the residual stream, in
+bf16 where a stage's frozen weights are held in it, else float32 under autocast)
+and backward recomputes one layer at a time, so the peak adds the largest single
+layer. The vision tower is frozen in every mose stage and saves nothing; its
+no-grad forward is not counted.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mose.data.collate import IGNORE
 from mose.estimate.models import ModelFacts
 
 FP32 = 4
@@ -42,14 +45,22 @@ class MicroBatch:
     batch: int  # samples per process per micro-batch
     seq: int  # padded tokens per sample, image tokens included
     image_tokens: int = 0  # per sample, after the spatial merge
+    answers: int | None = None  # positions predicting an answer token, in all (None: every one)
 
     @classmethod
     def of(cls, collated: dict[str, torch.Tensor], merge: int) -> MicroBatch:
-        """The shape of a collated batch (input_ids (B, T), image_grid_thw (images, 3))."""
+        """The shape of a collated batch (input_ids (B, T), image_grid_thw (images, 3), labels (B, T))."""
         batch, seq = collated["input_ids"].shape
         grid = collated.get("image_grid_thw")
         images = int(grid.prod(dim=-1).sum()) // (merge * merge) if grid is not None else 0
-        return cls(batch=batch, seq=seq, image_tokens=images // batch)
+        labels = collated.get("labels")
+        answers = int((labels[:, 1:] != IGNORE).sum()) if labels is not None else None
+        return cls(batch=batch, seq=seq, image_tokens=images // batch, answers=answers)
+
+    @property
+    def predicting(self) -> int:
+        """The positions the LM head runs at."""
+        return self.batch * (self.seq - 1) if self.answers is None else self.answers
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,11 @@ class ActivationBytes:
 
 def activation_bytes(facts: ModelFacts, shape: MicroBatch, trained_from: int | None = 0,
                      trained_ffns: frozenset[int] = frozenset(), act_bytes: int = 2,
-                     checkpointing: bool = False) -> ActivationBytes:
+                     residual_bytes: int = FP32) -> ActivationBytes:
     """Bytes per micro-batch. `trained_from`: the first decoder layer with a trained module
     (None: nothing trains through the decoder; -1: the embeddings train, so every layer's input
-    needs a gradient); `trained_ffns`: dense FFNs that train."""
+    needs a gradient); `trained_ffns`: dense FFNs that train; `residual_bytes`: of an element of
+    the residual stream (what a checkpointed layer keeps)."""
     b, t, h = shape.batch, shape.seq, facts.hidden
     bt = b * t
     if trained_from is None:
@@ -76,9 +88,9 @@ def activation_bytes(facts: ModelFacts, shape: MicroBatch, trained_from: int | N
                  for n in range(max(trained_from, 0), facts.layers)]
     head_dim = h // facts.heads
     once = act_bytes * b * t * t + 2 * act_bytes * bt * head_dim + FP32 * bt * h + FP32 * bt
-    logits = FP32 * b * (t - 1) * facts.vocab
+    logits = FP32 * shape.predicting * facts.vocab
     saved = sum(per_layer) + once + logits
-    inputs = FP32 * bt * h * len(per_layer)  # each checkpointed layer's input
+    inputs = residual_bytes * bt * h * len(per_layer)  # each checkpointed layer's input
     checkpointed = inputs + max(per_layer, default=0) + once + logits
     return ActivationBytes(saved=saved, checkpointed=checkpointed, logits=logits)
 

@@ -31,7 +31,8 @@ SLACK = 1.10  # caching allocator fragmentation
 class StateBytes:
     """Whole-model bytes before sharding."""
 
-    weights: int
+    weights: int  # as engines that keep every weight whole hold them (DDP, ZeRO-2)
+    partitioned: int  # as engines that partition weights hold them, before sharding (FSDP, ZeRO-3)
     gradients: int
     optimizer: int
     largest_layer: int  # weights of the largest decoder layer (FSDP's unit)
@@ -58,10 +59,14 @@ class PerGPU:
 
 
 def state_bytes(total: int, trainable: int, weight_bytes: int, largest_layer: int = 0,
-                largest_module: int = 0, root: int = 0) -> StateBytes:
+                largest_module: int = 0, root: int = 0, held: int = 0, held_bytes: int = 0) -> StateBytes:
     """Weights at `weight_bytes` (4: fp32 master weights under bf16 mixed precision), gradients
-    alike, AdamW's two moments in the weights' dtype; the rest are parameter counts."""
-    return StateBytes(weights=total * weight_bytes, gradients=trainable * weight_bytes,
+    alike, AdamW's two moments in the weights' dtype; the rest are parameter counts. `held` of the
+    weights (a stage's frozen ones, `mose.train.precision`) are held in `held_bytes` by engines that
+    keep weights whole; engines that partition them keep every weight at `weight_bytes`."""
+    whole = total * weight_bytes
+    return StateBytes(weights=whole - held * (weight_bytes - held_bytes) if held else whole,
+                      partitioned=whole, gradients=trainable * weight_bytes,
                       optimizer=2 * trainable * weight_bytes, largest_layer=largest_layer * weight_bytes,
                       largest_module=largest_module * weight_bytes, root=root * weight_bytes)
 
@@ -79,7 +84,7 @@ def per_gpu(state: StateBytes, activations: int, strategy: str, gpus: int) -> Pe
     elif gpus > 1 and strategy == "ZeRO-3":
         gathered = 2 * state.largest_module
     return PerGPU(strategy=strategy, gpus=gpus,
-                  weights=_share(state.weights, gpus if shard_weights else 1),
+                  weights=_share(state.partitioned, gpus) if shard_weights else state.weights,
                   gradients=_share(state.gradients, gpus if shard_rest else 1),
                   optimizer=_share(state.optimizer, gpus if shard_rest else 1),
                   activations=activations, gathered=gathered)

@@ -7,20 +7,22 @@ from pathlib import Path
 from rich.table import Table
 
 from mose.estimate.sharding import GPU_GB, STRATEGIES
-from mose.estimate.stages import StageEstimate, estimate_recipe
+from mose.estimate.stages import DEFAULT_ANSWER_TOKENS, StageEstimate, estimate_recipe
 from mose.train.recipe import load_recipe
 
 GIB = 2**30
 
 
-def estimate_path(recipe_path: str | Path, gpus: int = 1, overrides: list[str] = ()) -> list[StageEstimate]:
+def estimate_path(recipe_path: str | Path, gpus: int = 1, overrides: list[str] = (),
+                  answer_tokens: int = DEFAULT_ANSWER_TOKENS) -> list[StageEstimate]:
     """Load the recipe as `mose train` does (base and overrides included) and estimate it."""
-    return estimate_recipe(load_recipe(recipe_path, list(overrides)), gpus)
+    return estimate_recipe(load_recipe(recipe_path, list(overrides)), gpus, answer_tokens)
 
 
-def estimate_table(recipe_path: str | Path, gpus: int = 1, overrides: list[str] = ()) -> Table:
+def estimate_table(recipe_path: str | Path, gpus: int = 1, overrides: list[str] = (),
+                   answer_tokens: int = DEFAULT_ANSWER_TOKENS) -> Table:
     """The table `mose estimate` prints: one row per stage and strategy."""
-    estimates = estimate_path(recipe_path, gpus, overrides)
+    estimates = estimate_path(recipe_path, gpus, overrides, answer_tokens)
     return render(estimates, f"{recipe_path} on {gpus} GPU(s)")
 
 
