@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU must measure, in one command (about 10 minutes on one H100 / H200):
+# Everything a lent GPU must measure, in one command (about 13 minutes on one H100 / H200):
 #   1. the benchmark tables of `make bench` at Qwen2-VL-2B's widths in bf16
 #      (`--full` where a script has it: layers, model, serve, train; lora is at those widths already,
 #      here at full depth; layers adds its torch.compile'd rows; scaling and chain have no --full);
@@ -7,7 +7,10 @@
 #      a router step, an SFT step, the activation estimate against autograd's saved bytes;
 #   3. a 30-step router stage and a 30-step SFT stage on the 2B shape (random weights, the
 #      procedural driving world), their peak memory beside what `mose estimate` predicts;
-#   4. `mose estimate` of the shipped CODA-LM recipe on 1 and 8 GPUs.
+#   4. the shipped CODA-LM LoRA recipe's stage sequence (router → sft → refit) on the 2B shape
+#      in bf16, shrunk by overrides, then predict: chains and answers compared across batch
+#      shapes and precisions, with tolerances (bench/recipe_run.py);
+#   5. `mose estimate` of the shipped CODA-LM recipe on 1 and 8 GPUs.
 # Each part has its own time limit, so one slow part cannot eat the others' time.
 #
 #   bash bench/gpu.sh                          # on a GPU
@@ -22,7 +25,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=${2:?--device needs cpu or cuda}; shift 2 ;;
     --quick) QUICK=1; shift ;;
-    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (expected --device DEV, --quick)" >&2; exit 2 ;;
   esac
 done
@@ -46,8 +49,10 @@ part() {
 if [ "$QUICK" = 1 ]; then
   # the CPU's quick runs take up to 40 s a script (train.py): twice the GPU's limits
   WIDTH=(--quick); FULL=(); SHAPE=(--quick --stages 3); STAGE_LIMIT=120; LIMIT_SCALE=2
+  RECIPE=(--quick); RECIPE_LIMIT=120
 else
   WIDTH=(); FULL=(--full); SHAPE=(--layers 28 --stages 30 --batch 8); STAGE_LIMIT=170; LIMIT_SCALE=1
+  RECIPE=(--layers 8 --steps 30); RECIPE_LIMIT=300
 fi
 echo "# bench/gpu.sh — device $DEVICE$([ "$QUICK" = 1 ] && echo ', quick'); logs in $OUT_DIR"
 "$PY" -c "import torch; print('torch', torch.__version__, '|',
@@ -78,6 +83,8 @@ for r in rows:
 if not rows:
     sys.exit("no stage rows: real_shape.py did not reach its stages")
 PYEOF
+part recipe_run "$RECIPE_LIMIT" "$PY" recipe_run.py --device "$DEVICE" "${RECIPE[@]}" \
+  --json "$OUT_DIR/recipe_run.json"
 echo; echo "## mose estimate (configs/coda-lm/mose.yaml)"
 (cd "$ROOT" && "$PY" - <<'PYEOF') || FAILED+=("estimate")
 from rich.console import Console

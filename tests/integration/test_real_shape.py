@@ -54,5 +54,6 @@ def test_gpu_script_runs_end_to_end_on_the_cpu():
     result = subprocess.run(["bash", "bench/gpu.sh", "--device", "cpu", "--quick"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
-    for heading in ("## layers", "## real_shape", "## training stages", "estimate"):
+    for heading in ("## layers", "## real_shape", "## training stages", "## recipe_run",
+                    "| chains bf16 vs fp32 |", "estimate"):
         assert heading in result.stdout, heading
