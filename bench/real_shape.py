@@ -1,5 +1,9 @@
 """Real-shape checks: Qwen2-VL-2B's widths, random weights, bf16, every step mose takes.
 
+`--dtype float32` runs them at the same widths in float32, for CPUs without native
+bfloat16 (AVX2 only: a bf16 matmul at these widths is 30-60x slower than float32),
+where the bf16 numerics are checked at tiny widths instead (`--quick`).
+
 On a model of the published shape (`mose.models.shapes`; the tiny tokenizer for
 inputs, the published vocabulary in the embedding), one after the other, each
 timed and its peak memory measured:
@@ -64,6 +68,7 @@ SIZES = [(112, 112), (56, 84)]  # 16 and 6 image tokens: the batch is padded
 # differently from the dense nn.Linear, and one ulp of difference per layer carries up the stack
 # (6 layers on the CPU: 0.039 at logits of 4.0, i.e. 2.5 ulps; 2 layers: exact).
 BF16_TOLERANCE = 2 ** -5
+FP32_TOLERANCE = 2 ** -16  # float32's 24 mantissa bits leave the same products far less to round
 
 
 class Meter:
@@ -125,10 +130,11 @@ def check_convert(model, inputs, cfg: mose.MoSEConfig) -> dict[str, Any]:
     mose.convert(model, cfg)
     logits = logits_of(model, inputs)
     error, scale = (logits - dense).abs().max().item(), dense.abs().max().item()
-    if not error <= BF16_TOLERANCE * scale:
+    tolerance = (BF16_TOLERANCE if model.dtype == torch.bfloat16 else FP32_TOLERANCE) * scale
+    if not error <= tolerance:
         raise AssertionError(f"converted logits differ from the dense ones by {error:.4g} "
-                             f"(tolerance {BF16_TOLERANCE * scale:.4g})")
-    return {"max_abs_diff": error, "max_abs_logit": scale, "tolerance": BF16_TOLERANCE * scale}
+                             f"(tolerance {tolerance:.4g})")
+    return {"max_abs_diff": error, "max_abs_logit": scale, "tolerance": tolerance}
 
 
 def check_generate(model, inputs, new_tokens: int) -> dict[str, Any]:
@@ -181,7 +187,10 @@ def loop_context(processor, folder: Path, name: str) -> LoopContext:
 
 
 def check_router_step(model, dataset: EncodedDataset, ctx: LoopContext, batch: int) -> dict[str, Any]:
-    stage = RouterStage(max_steps=1, batch_size=batch, log_every=1, save_every=0, patience=1)
+    # Pooled in float32 and bf16 as shipped; a float32 run (no native bf16) keeps bf16 out of it.
+    precisions = ["float32"] + (["bfloat16"] if model.dtype == torch.bfloat16 else [])
+    stage = RouterStage(max_steps=1, batch_size=batch, log_every=1, save_every=0, patience=1,
+                        precisions=precisions)
     half = len(dataset) // 2
     train, held = EncodedDataset.__new__(EncodedDataset), EncodedDataset.__new__(EncodedDataset)
     train.items, held.items = dataset.items[:half], dataset.items[half:]
@@ -229,7 +238,9 @@ def check_activations(model, dataset: EncodedDataset, ctx: LoopContext, batch: i
     model.zero_grad(set_to_none=True)
     model.eval()
     shape = MicroBatch.of(collated, facts.merge)
-    predicted = activation_bytes(facts, shape)
+    residual = next(model.parameters()).element_size()  # the residual stream is in the weights' dtype
+    act = 2 if ctx.accelerator.mixed_precision == "bf16" else residual  # matmuls: autocast's, if any
+    predicted = activation_bytes(facts, shape, act_bytes=act, residual_bytes=residual)
     measured = sum(seen.values())
     ratio = predicted.saved / measured
     if not 0.85 <= ratio <= 1.15:
@@ -302,6 +313,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--batch", type=int, default=2, help="samples per training micro-batch")
     p.add_argument("--stages", type=int, default=0, help="then N-step router and SFT stages (fp32 "
                    "weights, bf16 autocast on a GPU) beside the estimator's prediction")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="of the weights the checks build (float32: CPUs without native bf16)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     trimmed = args.trim or args.quick
@@ -314,15 +327,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     try:
         built = {}
+        dtype = getattr(torch, args.dtype)
         results.append(meter.measure("build", lambda: built.update(zip(
-            ("model", "processor", "spec"), build(args, device), strict=True)) or {}))
+            ("model", "processor", "spec"), build(args, device, dtype), strict=True)) or {}))
         model, processor = built["model"], built["processor"]
         layers = len(mose.arch.arch_of(model).layers(model))
         cfg = mose.MoSEConfig(taxonomy=TRIM_TAXONOMY, layers="all") if trimmed and layers < 6 \
             else mose.MoSEConfig(taxonomy="driving")
         print(f"# Real-shape checks — {built['spec']}, {layers} decoder layers, "
               f"{len(model.model.visual.blocks)} vision blocks, taxonomy {cfg.taxonomy.name} "
-              f"on layers {cfg.layers}; {device}, bf16; torch {torch.__version__}", flush=True)
+              f"on layers {cfg.layers}; {device}, {args.dtype}; torch {torch.__version__}", flush=True)
         inputs = prompt_inputs(processor, device)
         results.append(meter.measure("convert", lambda: check_convert(model, inputs, cfg)))
         results.append(meter.measure("generate", lambda: check_generate(model, inputs, 4)))

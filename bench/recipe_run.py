@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     begin = time.perf_counter()
     try:
         model = checkpoint(args, folder)
-        world = generate("driving", n=96, seed=0, out=folder / "world")
+        world = generate("driving", n=48 if args.quick else 96, seed=0, out=folder / "world")
         test = list(read_jsonl(generate("driving", n=32, seed=0, out=folder / "world", split="test")))
         recipe = load_recipe(args.recipe, overrides(args, model, folder, world))
         stages = train(recipe, progress=False)

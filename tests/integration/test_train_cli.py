@@ -31,7 +31,10 @@ def write_recipe(path: Path, world: str, out: Path, sft_steps: int = 6, batch_si
              "max_grad_norm": 1.0, "warmup_ratio": 0.2}
     recipe = {"model": "tiny:qwen2_vl", "output_dir": str(out), "seed": 0, "data": {"train": world},
               "stages": {"convert": {"mose": {"taxonomy": "driving"}},
-                         "router": {**stage, "max_steps": 4, "lr": 1e-2, "eval_size": 8},
+                         # float32 pooling only: a bf16 forward's rounding depends on the batch's
+                         # shape, which the 2-process run changes
+                         "router": {**stage, "max_steps": 4, "lr": 1e-2, "eval_size": 8,
+                                    "precisions": ["float32"]},
                          "sft": {**stage, "max_steps": sft_steps, "lr": 1e-3, "skill_loss_weight": 0.1}}}
     path.write_text(yaml.safe_dump(recipe))
     return path
