@@ -123,36 +123,47 @@ def test_the_stage_scores_its_routers_in_every_precision_it_fits_them_in(routed)
     assert 0.9 <= metrics["router_acc/agree"] <= 1.0  # whole chains the same in float32 and bfloat16
 
 
-def test_the_consistency_term_makes_routes_survive_what_the_precision_moves():
+def test_the_gap_term_and_the_fitting_coordinates_make_routes_survive_what_the_precision_moves():
     """Synthetic pooled inputs: the skill shows along two directions, and the 'bf16' inputs differ
     from the 'fp32' ones along the second only, by a per-sample offset as large as the signal.
-    Fitted on both without the gap term, routers use that direction too, and routes flip between
-    the precisions; with it they read the first direction alone, and no route flips."""
+    Fitted on both as they are, routers use that direction too, and routes flip between the
+    precisions; with the gap term, or in coordinates that shrink that direction, they read the
+    first direction alone (folded back, the scores are unchanged)."""
     from mose.layers import Router
-    from mose.train.router_fit import PooledInputs, precisions_loss
+    from mose.train.router_fit import PooledInputs, precision_whitening, precisions_loss
 
+    n = 1000
     generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 2, (400,), generator=generator)
+    labels = torch.randint(0, 2, (n,), generator=generator)
     sign = labels.float() * 2 - 1  # (N,)
-    fp32 = torch.randn(400, 8, generator=generator) * 0.3
+    fp32 = torch.randn(n, 8, generator=generator) * 0.3
     fp32[:, 0] += sign * 0.6
     fp32[:, 1] += sign * 0.6
     bf16 = fp32.clone()
-    bf16[:, 1] += torch.randn(400, generator=generator) * 0.8  # what the precision moves
+    bf16[:, 1] += torch.randn(n, generator=generator) * 1.2  # what the precision moves
     inputs = {p: PooledInputs({0: x}, labels[:, None]) for p, x in (("float32", fp32), ("bfloat16", bf16))}
 
-    def flips(consistency: float) -> int:
+    def flips(consistency: float, whitened: bool = False) -> int:
         torch.manual_seed(0)
         router = Router(8, 2)
+        router.fit_standardisation(torch.cat([fp32, bf16]))
+        if whitened:
+            router.fit_coordinates = precision_whitening(router, [fp32, bf16])
         optimizer = torch.optim.AdamW(router.parameters(), lr=1e-2)
+        batches = torch.Generator().manual_seed(1)  # the same batches for every variant
         for _ in range(300):
-            rows = torch.randint(0, 400, (32,), generator=generator)
+            rows = torch.randint(0, n, (32,), generator=batches)
             loss = precisions_loss({0: router}, {0: 0}, inputs, rows, consistency)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         with torch.no_grad():
+            before = router(fp32)
+            router.fold_coordinates()  # the same scores from plain standardised inputs
+            torch.testing.assert_close(router(fp32), before)
             return int((router(fp32).argmax(-1) != router(bf16).argmax(-1)).sum())
 
-    assert flips(0.0) >= 10
-    assert flips(10.0) <= flips(0.0) // 5
+    plain = flips(0.0)
+    assert plain >= 20
+    assert flips(10.0) <= plain // 4
+    assert flips(0.0, whitened=True) <= plain // 2

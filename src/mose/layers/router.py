@@ -51,12 +51,24 @@ class Router(nn.Module):
 
         return super()._apply(move_only, recurse)
 
+    # While the router stage fits it: the coordinates its weight is trained in, (H, H) applied
+    # to the standardised input; folded into the weight when the fit ends (`fold_coordinates`).
+    fit_coordinates: torch.Tensor | None = None
+
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.input_mean.float()) / self.input_scale.float()
+        x = (x.float() - self.input_mean.float()) / self.input_scale.float()
+        return x if self.fit_coordinates is None else x @ self.fit_coordinates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return nn.functional.linear(self.standardise(x), self.weight.float(), self.bias.float())
+
+    @torch.no_grad()
+    def fold_coordinates(self) -> None:
+        """The same scores from the standardised input alone: W (C x) = (W C) x, C symmetric."""
+        if self.fit_coordinates is not None:
+            self.weight.copy_(self.weight @ self.fit_coordinates)
+            self.fit_coordinates = None
 
     @torch.no_grad()
     def fit_standardisation(self, inputs: torch.Tensor) -> None:

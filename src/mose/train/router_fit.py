@@ -124,7 +124,13 @@ def fit_routers(model: nn.Module, name: str, stage: RouterStage, dataset: Encode
         block.router.fit_standardisation(every.features[block.layer_idx])
     levels = {b.layer_idx: b.level for b in blocks}
     routers = {b.layer_idx: b.router for b in blocks}
-    metrics = _fit(model, routers, levels, train, held, stage, ctx, name)
+    for layer, router in routers.items():
+        router.fit_coordinates = precision_whitening(router, [p.features[layer] for p in train.values()])
+    try:
+        metrics = _fit(model, routers, levels, train, held, stage, ctx, name)
+    finally:
+        for router in routers.values():
+            router.fold_coordinates()
     first = stage.precisions[0]
     metrics.update(_probe_ceiling(model, levels, train[first], held[first]))
     metrics.update(chain_accuracy(model, held_out, ctx.collator, stage.batch_size, stage.precisions))
@@ -184,6 +190,30 @@ def _fit(model: nn.Module, routers: dict[int, nn.Module], levels: dict[int, int]
     for layer, state in best_state.items():
         routers[layer].load_state_dict(state)
     return {**last, "epochs": float(epoch), "best_epoch": float(best_epoch)}
+
+
+@torch.no_grad()
+def precision_whitening(router: nn.Module, inputs: list[torch.Tensor],
+                        floor: float = 1e-3) -> torch.Tensor | None:
+    """Coordinates for fitting `router` in which what the precision moves is shrunk, (H, H).
+
+    inputs: the same samples' pooled inputs in each precision, (N, H) each. The differences
+    from the first precision, standardised as the router reads them, span directions of their
+    own (a bf16 forward's rounding is not spread evenly); along a direction whose difference
+    variance is λ, the coordinates scale by sqrt(φ / (λ + φ)) with φ = `floor` × the largest λ,
+    so that the strongest directions of precision noise all but vanish while the fit runs, and
+    a small step of the optimiser cannot lean on them. A router's function class is the same
+    in any coordinates: the fit folds them into its weight when it ends (`Router.fold_coordinates`).
+    """
+    if len(inputs) < 2:
+        return None
+    first = router.standardise(inputs[0])  # (N, H)
+    moved = torch.cat([router.standardise(x) - first for x in inputs[1:]])  # (N·(P-1), H)
+    _, values, basis = torch.linalg.svd(moved, full_matrices=True)  # basis (H, H), rows: directions
+    variance = torch.zeros(basis.shape[0], device=moved.device)
+    variance[:len(values)] = values.square() / len(moved)  # (H,)
+    scale = (floor * variance.max() / (variance + floor * variance.max())).sqrt()  # (H,)
+    return basis.T @ (scale[:, None] * basis)  # (H, H), symmetric
 
 
 def precisions_loss(routers: dict[int, nn.Module], levels: dict[int, int], inputs: dict[str, PooledInputs],
