@@ -208,12 +208,11 @@ def precision_whitening(router: nn.Module, inputs: list[torch.Tensor],
     if len(inputs) < 2:
         return None
     first = router.standardise(inputs[0])  # (N, H)
-    moved = torch.cat([router.standardise(x) - first for x in inputs[1:]])  # (N·(P-1), H)
-    _, values, basis = torch.linalg.svd(moved, full_matrices=True)  # basis (H, H), rows: directions
-    variance = torch.zeros(basis.shape[0], device=moved.device)
-    variance[:len(values)] = values.square() / len(moved)  # (H,)
+    moved = torch.cat([router.standardise(x) - first for x in inputs[1:]]).double()  # (N·(P-1), H)
+    variance, basis = torch.linalg.eigh(moved.T @ moved / len(moved))  # (H,), (H, H): columns
+    variance = variance.clamp(min=0)
     scale = (floor * variance.max() / (variance + floor * variance.max())).sqrt()  # (H,)
-    return basis.T @ (scale[:, None] * basis)  # (H, H), symmetric
+    return ((basis * scale) @ basis.T).float()  # (H, H), symmetric
 
 
 def precisions_loss(routers: dict[int, nn.Module], levels: dict[int, int], inputs: dict[str, PooledInputs],

@@ -98,8 +98,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
             shutil.rmtree(out / ".resume" / name, ignore_errors=True)
         accelerator.wait_for_everyone()
         if state_dict is not None and name != names[-1]:
-            # The stage left the model sharded in place (FSDP2's DTensors, ZeRO-3's partitions,
-            # DeepSpeed's bf16 cast): the next stage starts from the whole weights it saved.
+            # The stage left the model sharded in place (FSDP2's DTensors, ZeRO-3's partitions
+            # and the engines' hooks): the next stage starts from the whole weights it saved.
             del model
             model = load_model(str(out / name), seed=recipe.seed, dtype=DTYPES[recipe.dtype])[0]
             model.to(accelerator.device)
@@ -220,8 +220,9 @@ def _run_training(model, processor, recipe: Recipe, name: str, stage, data: Stag
 
 def _check_images_under_sharding(data: StageData, accelerator: Accelerator, where: str) -> None:
     """Under FSDP or DeepSpeed every process runs the vision tower in a step or none does: a
-    process whose micro-batch has no image skips it, and the others' gathers of its sharded
-    weights then wait for a partner that never comes (a hang, or gloo's collective mismatch)."""
+    process whose micro-batch has no image skips it, and the others' collectives over its
+    sharded weights (or their gradients) then wait for a partner that never comes (a hang, or
+    gloo's collective mismatch)."""
     if accelerator.distributed_type not in SHARDED or accelerator.num_processes == 1:
         return
     without = [s for s in data.train if not s.images]
@@ -229,9 +230,9 @@ def _check_images_under_sharding(data: StageData, accelerator: Accelerator, wher
         raise RecipeError(
             f"{where}: {data.source} mixes records with images and {len(without)} without (the first: "
             f"{without[0].id}); under {accelerator.distributed_type.value} a micro-batch without an "
-            "image leaves the vision tower's sharded weights ungathered on its process while the "
-            "others wait for it. Train the text-only records in a stage of their own, or launch with "
-            "configs/accelerate/ddp.yaml")
+            "image skips the vision tower on its process while the others wait for it in the "
+            "collectives over its sharded weights. Train the text-only records in a stage of their "
+            "own, or launch with configs/accelerate/ddp.yaml")
 
 
 def check_recipe(recipe: Recipe) -> dict[str, StageData]:
