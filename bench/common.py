@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -111,3 +112,12 @@ def device_line(device: torch.device, dtype: torch.dtype) -> str:
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
     return f"device: {name}; dtype: {str(dtype).removeprefix('torch.')}; torch {torch.__version__}"
+
+
+def run_checks(main: Callable[[], object]) -> None:
+    """Run a script of checks: a failed one (AssertionError) is one line on stderr and exit 1."""
+    try:
+        main()
+    except AssertionError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -35,7 +35,6 @@ import argparse
 import json
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import run_checks
 from PIL import Image
 
 import mose
@@ -372,8 +372,4 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except AssertionError as error:
-        print(f"FAILED: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_checks(main)
