@@ -91,6 +91,18 @@ def distinct_experts(model, seed: int = 0, scale: float = 0.5) -> None:
                 weight += noise.to(weight.dtype) * size * scale
 
 
+def randomise_deltas(model, seed: int = 0, std: float = 0.3) -> None:
+    """Random A and B for every LoRA delta (routed and shared), distinct per expert."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in mose_blocks(model):
+            for deltas in filter(None, (block.experts, block.shared_expert)):
+                for target in deltas.targets:
+                    a, b = deltas.A(target), deltas.B(target)  # (E, r, in), (E, out, r)
+                    a.copy_((torch.rand(a.shape, generator=generator) * 2 - 1) / a.shape[-1] ** 0.5)
+                    b.copy_(torch.randn(b.shape, generator=generator) * std)
+
+
 def prompt_batch(processor, samples) -> dict:
     """The model inputs of the samples' prompts (left padded, as generation takes them)."""
     from mose.data.collate import Collator, SampleEncoder

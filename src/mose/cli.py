@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -248,29 +249,45 @@ def predict(
                                       "labels)"),
     format: str | None = typer.Option(None, "--format", help="coda-lm: also write the answer files "
                                       "CODA-LM's evaluation reads, in OUT's folder under coda-lm/"),
+    engine: str = typer.Option("torch", help="torch: mose generates; vllm: mose routes, vLLM generates "
+                               "each question with its chain's exported adapter (LoRA-MoSE models)"),
+    export: Path | None = typer.Option(None, help="with --engine vllm: a `mose export` folder to serve "
+                                       "(default: the chains the questions take, exported to a "
+                                       "temporary folder)"),
+    engine_arg: list[str] = typer.Option([], help="with --engine vllm: KEY=VALUE passed to vllm.LLM "
+                                         "(repeatable; YAML values), e.g. gpu_memory_utilization=0.8"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Answer every question in one forward pass, with its skill chain; resumable."""
     from mose.data import DataError, read_jsonl
     from mose.eval.coda_lm import write_coda_lm_answers
+    from mose.eval.predict import GenerationOptions
     from mose.eval.predict import predict as predict_all
     from mose.models.loading import load_for_inference
+    from mose.serving.engine import EngineError
 
     if format not in (None, "coda-lm"):
         fail(ValueError(f"--format {format!r}: the one extra format is coda-lm"))
+    if engine not in ("torch", "vllm"):
+        fail(ValueError(f"--engine {engine!r}: choose torch or vllm"))
     try:
         where = placement(device, dtype)  # before any work: a missing GPU is known at once
         samples = list(read_jsonl(data))
-        loaded, processor = load_for_inference(model, where)
-        report = predict_all(loaded, processor, samples, out, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             top_p=top_p, seed=seed, route_aware=route_aware,
-                             force_skills=force_skills, source=str(data))
+        if engine == "vllm":
+            report = _predict_with_vllm(model, samples, out, where, export, engine_arg, force_skills,
+                                        batch_size, GenerationOptions(max_new_tokens, do_sample,
+                                                                      temperature, top_p, seed), str(data))
+        else:
+            loaded, processor = load_for_inference(model, where)
+            report = predict_all(loaded, processor, samples, out, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                 top_p=top_p, seed=seed, route_aware=route_aware,
+                                 force_skills=force_skills, source=str(data))
         if format == "coda-lm":
             written = write_coda_lm_answers(out, samples, out.parent / "coda-lm", source=str(data))
             console.print("CODA-LM answer files: " + ", ".join(str(p) for p in written))
-    except (ValueError, DataError, FileNotFoundError) as error:
+    except (ValueError, DataError, FileNotFoundError, EngineError) as error:
         fail(error)
     if report.generated == 0:
         console.print(f"{out} is complete already ({report.total} answers)")
@@ -278,6 +295,31 @@ def predict(
         routes = f", {report.routes} distinct routes" if report.routes is not None else ""
         console.print(f"wrote {out}: {report.generated} answered ({report.samples_per_second:.1f} "
                       f"samples/s{routes} on {where}), {report.resumed} resumed")
+
+
+def _predict_with_vllm(model: str, samples: list, out: Path, where, export: Path | None,
+                      engine_arg: list[str], force_skills: bool, batch_size: int, options, source: str):
+    from mose.serving.predict import predict_with_vllm
+
+    if force_skills:
+        raise ValueError("--force-skills routes by the records' labels inside mose's own model: use "
+                         "it with --engine torch")
+    return predict_with_vllm(model, samples, out, placement=where, export=export, batch_size=batch_size,
+                             options=options, engine_overrides=parse_key_values(engine_arg, "--engine-arg"),
+                             source=source)
+
+
+def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """KEY=VALUE items, each value read as YAML (numbers, booleans, lists), as recipes read overrides."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 @app.command()

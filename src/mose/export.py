@@ -416,10 +416,8 @@ def route_records(model: Any, processor: Any, samples: Sequence[Any], *, manifes
                   batch_size: int = 8, progress: bool = True, source: str = "samples") -> list[dict]:
     """Per sample, the chain the model's routers choose and the adapter it maps to.
 
-    `exact` says whether that adapter computes what the MoSE model does on the sample:
-    top-1 routing, and every MoSE layer of a level chose the chain's skill (a level's
-    layers have their own routers, and the chain takes their majority). With a manifest,
-    `adapter` is null where that chain was not exported.
+    `exact`: see `chain_adapter`. With a manifest, `adapter` is null where that chain was
+    not exported.
     """
     from mose.eval.analysis import route_samples
 
@@ -434,13 +432,19 @@ def route_records(model: Any, processor: Any, samples: Sequence[Any], *, manifes
                            source=source)
     rows = []
     for sample, chain in zip(samples, chains, strict=True):
-        skills = chain.as_dict()
-        name = chain_name(list(skills.values()))
-        exact = cfg.top_k == 1 and all(s == c.skill for c in chain.choices for _, s, _ in c.layers)
-        rows.append({"id": sample.id, "skill_chain": skills,
+        name, exact = chain_adapter(cfg, chain)
+        rows.append({"id": sample.id, "skill_chain": chain.as_dict(),
                      "adapter": name if manifest is None or name in exported else None,
                      "exact": exact})
     return rows
+
+
+def chain_adapter(cfg: MoSEConfig, chain: Any) -> tuple[str, bool]:
+    """A routed `SkillChain`'s adapter name, and whether that adapter computes what the MoSE
+    model does on the sample: top-1 routing, and every MoSE layer of a level chose the chain's
+    skill (a level's layers have their own routers; the chain takes their majority)."""
+    exact = cfg.top_k == 1 and all(s == c.skill for c in chain.choices for _, s, _ in c.layers)
+    return chain_name(list(chain.as_dict().values())), exact
 
 
 def _progress(enabled: bool):

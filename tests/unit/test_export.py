@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 import mose
-from conftest import mose_blocks, prompt_batch, sharpen_routers, vl_batch
+from conftest import mose_blocks, prompt_batch, randomise_deltas, sharpen_routers, vl_batch
 from mose.data import read_jsonl
 from mose.data.world import generate
 from mose.export import (
@@ -27,18 +27,6 @@ DRIVING = mose.load_taxonomy("driving")
 CHAINS = [("vehicle", "crossing", "yield"), ("general", "stationary", "stop")]
 SMALL = {"name": "small", "levels": [{"name": "scene", "skills": ["general", "road"]},
                                      {"name": "act", "skills": ["general", "go", "halt"]}]}
-
-
-def randomise_deltas(model, seed: int = 0, std: float = 0.3) -> None:
-    """Random A and B for every LoRA delta (routed and shared), distinct per expert."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in mose_blocks(model):
-            for deltas in filter(None, (block.experts, block.shared_expert)):
-                for target in deltas.targets:
-                    a, b = deltas.A(target), deltas.B(target)  # (E, r, in), (E, out, r)
-                    a.copy_((torch.rand(a.shape, generator=generator) * 2 - 1) / a.shape[-1] ** 0.5)
-                    b.copy_(torch.randn(b.shape, generator=generator) * std)
 
 
 def perturb_full_experts(model, seed: int = 0, scale: float = 0.5) -> None:

@@ -95,8 +95,9 @@ class SampleEncoder:
         """All of a sample that `encode` reads: samples with equal content encode alike."""
         return tuple(sample.images), prompt_text(sample), target_text(sample) if with_answer else None
 
-    def encode(self, sample: Sample, with_answer: bool = True) -> dict[str, torch.Tensor]:
-        """Token ids, labels and image tensors (no skill labels)."""
+    def chat_text(self, sample: Sample) -> str:
+        """The prompt as the model reads it: the question in the chat template, one image
+        placeholder per image, ending where the answer starts."""
         content: Any
         if self.vision:
             content = [{"type": "image"} for _ in sample.images]
@@ -105,8 +106,12 @@ class SampleEncoder:
             raise DataError(self.source, sample.id, "images", "a text-only model cannot take images")
         else:
             content = prompt_text(sample)
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
+
+    def encode(self, sample: Sample, with_answer: bool = True) -> dict[str, torch.Tensor]:
+        """Token ids, labels and image tensors (no skill labels)."""
+        text = self.chat_text(sample)
         if self.vision:
             images = load_images(sample, self.source) or None
             encoded = self.processor(text=[text], images=images, return_tensors="pt")

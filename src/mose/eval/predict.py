@@ -200,42 +200,67 @@ def predict(model: Any, processor: Any, samples: Iterable[Sample], out_path: str
     options = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, seed)
     samples = list(samples)
     check_batch_size(batch_size)  # before any work
-    ids = _unique_ids(samples, source)
+    log = PredictionLog(out_path, samples, source)
     answerer = Answerer(model, processor, options, source, force_skills)
     if force_skills:
         check_skill_labels(samples, model.mose_config.taxonomy, source)
-    out_path, partial = Path(out_path), partial_path(out_path)
     begin = time.perf_counter()
-    if out_path.exists():
-        _check_complete(out_path, ids)
-        partial.unlink(missing_ok=True)  # left over if a run died between rename and cleanup
-        return PredictReport(out_path, len(ids), 0, 0, 0, None, time.perf_counter() - begin)
-    done = _resume(partial, set(ids))
-    resumed = len(done)
-    todo = [s for s in samples if s.id not in done]
+    if log.complete:
+        return PredictReport(log.out_path, len(samples), 0, 0, 0, None, time.perf_counter() - begin)
+    todo = log.todo(samples)
     routes: int | None = None
     batches = 0
-    with eval_mode(model), _progress(progress) as bar:
+    with eval_mode(model), progress_bar(progress) as bar, log.open() as keep_all:
         if do_sample:
             torch.manual_seed(seed)
         task = bar.add_task("answering", total=len(todo))
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        with partial.open("a", encoding="utf-8") as log:
+
+        def keep(predictions: list[Prediction]) -> None:
+            keep_all(predictions)
+            bar.advance(task, len(predictions))
+
+        if route_aware and answerer.regroups():
+            routes, batches = _answer_in_route_groups(answerer, todo, batch_size, keep)
+        else:
+            for rows in plain_batches(len(todo), batch_size):
+                keep(answerer.answer([todo[i] for i in rows]))
+                batches += 1
+    return PredictReport(log.out_path, len(samples), len(todo), log.resumed, batches, routes,
+                         time.perf_counter() - begin)
+
+
+class PredictionLog:
+    """The predictions file of one run, resumable: answers are appended to OUT.partial as they
+    come (a rerun skips the ids found there), and OUT is written, in input order, only once
+    every id is answered."""
+
+    def __init__(self, out_path: str | Path, samples: Sequence[Sample], source: str = "samples") -> None:
+        """Checks the ids (unique) and an existing OUT (complete for these ids), before any work."""
+        self.out_path, self.partial = Path(out_path), partial_path(out_path)
+        self.ids = _unique_ids(samples, source)
+        self.complete = self.out_path.exists()
+        if self.complete:
+            _check_complete(self.out_path, self.ids)
+            self.partial.unlink(missing_ok=True)  # left over if a run died between rename and cleanup
+        self.done = {} if self.complete else _resume(self.partial, set(self.ids))
+        self.resumed = len(self.done)
+
+    def todo(self, samples: Sequence[Sample]) -> list[Sample]:
+        """The samples not answered yet, in input order."""
+        return [s for s in samples if s.id not in self.done]
+
+    @contextmanager
+    def open(self) -> Iterator[Callable[[list[Prediction]], None]]:
+        """A `keep(predictions)` that appends to OUT.partial; on a clean exit, OUT is written."""
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        with self.partial.open("a", encoding="utf-8") as log:
             def keep(predictions: list[Prediction]) -> None:
                 log.write("".join(p.to_json() + "\n" for p in predictions))
                 log.flush()  # a kill loses at most what is being generated
-                done.update((p.id, p) for p in predictions)
-                bar.advance(task, len(predictions))
+                self.done.update((p.id, p) for p in predictions)
 
-            if route_aware and answerer.regroups():
-                routes, batches = _answer_in_route_groups(answerer, todo, batch_size, keep)
-            else:
-                for rows in plain_batches(len(todo), batch_size):
-                    keep(answerer.answer([todo[i] for i in rows]))
-                    batches += 1
-    _finish(out_path, partial, ids, done)
-    return PredictReport(out_path, len(ids), len(todo), resumed, batches, routes,
-                         time.perf_counter() - begin)
+            yield keep
+        _finish(self.out_path, self.partial, self.ids, self.done)
 
 
 def _answer_in_route_groups(answerer: Answerer, samples: list[Sample], batch_size: int,
@@ -325,7 +350,7 @@ class _RateColumn(ProgressColumn):
         return Text("" if speed is None else f"{speed:.2f} samples/s", style="progress.data.speed")
 
 
-def _progress(enabled: bool) -> Progress:
+def progress_bar(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                     disable=not enabled)
