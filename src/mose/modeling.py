@@ -27,6 +27,7 @@ from mose.config import MoSEConfig, TokenMoEConfig, config_from_dict, resolve_la
 from mose.inject import inject
 from mose.layers.blocks import expert_blocks
 from mose.layers.losses import skill_routing_loss
+from mose.models.checkpointing import RENAMED
 from mose.routing import RoutingState, SkillChain, skill_chain_list, skill_label_tensor
 
 PREFIX = "mose_"
@@ -156,12 +157,22 @@ class MoSEModelMixin:
         so the route weights' graph would be walked twice (an error) and the balance loss
         would train nothing. The non-reentrant kind (transformers' default) has neither problem.
         """
-        if (activation_checkpointing_kwargs or {}).get("use_reentrant", False):
+        self._refuse_reentrant(activation_checkpointing_kwargs)
+        super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+
+    if not RENAMED:  # transformers before the rename (5.19): the public name is the entry point
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                          *args: Any, **kwargs: Any) -> None:
+            """As `_activation_checkpointing_enable`: the reentrant kind is refused."""
+            self._refuse_reentrant(gradient_checkpointing_kwargs)
+            super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, *args, **kwargs)
+
+    def _refuse_reentrant(self, checkpoint_kwargs: dict | None) -> None:
+        if (checkpoint_kwargs or {}).get("use_reentrant", False):
             raise ValueError(
                 f"{type(self).__name__}: use_reentrant=True checkpointing cannot train routed blocks "
                 "(routes are chosen outside the checkpointed forward); pass use_reentrant=False "
                 "or leave the kwargs out")
-        super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
 
     @contextmanager
     def routing_only(self) -> Iterator[None]:

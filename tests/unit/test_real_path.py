@@ -9,6 +9,7 @@ import torch
 import mose
 from conftest import distinct_experts, mose_blocks, sharpen_routers, text_batch, vl_batch
 from mose.layers import Experts
+from mose.models.checkpointing import enable_checkpointing
 
 BF16 = torch.bfloat16
 
@@ -158,7 +159,7 @@ def test_checkpointing_gives_the_gradients_of_a_plain_backward(tiny):
         block.requires_grad_(True)
     inputs, labels = vl_batch(processor, [0, 1]), torch.tensor([[0, 1, 2], [3, 0, 1]])
     plain = train_grads(model, inputs, labels)
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model)
     checkpointed = train_grads(model, inputs, labels)
     assert plain.keys() == checkpointed.keys() and any("router" in n for n in plain)
     for name, grad in plain.items():
@@ -168,7 +169,7 @@ def test_checkpointing_gives_the_gradients_of_a_plain_backward(tiny):
 def test_reentrant_checkpointing_is_refused_with_the_reason(tiny):
     model, _ = routed(tiny, mose.MoSEConfig())
     with pytest.raises(ValueError, match="use_reentrant=True"):
-        model.activation_checkpointing_enable({"use_reentrant": True})
+        enable_checkpointing(model, {"use_reentrant": True})
 
 
 def expert_out(experts, x, rows):

@@ -11,6 +11,7 @@ import torch
 import mose
 from conftest import distinct_experts, prompt_batch, sharpen_routers
 from mose.data.world import generate
+from mose.models.checkpointing import enable_checkpointing
 from mose.models.loading import load_model
 from mose.models.processor import save_processor
 from mose.train import RecipeError, load_recipe, train
@@ -143,7 +144,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, world):
     for checkpointing in (False, True):
         copy_ = copy.deepcopy(model).train()
         if checkpointing:
-            copy_.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(copy_, {"use_reentrant": False})
         loss = answer_objective(copy_, skill_loss_weight=0.5)(copy_, batch)
         loss.backward()
         routes = {i: r.experts.clone() for i, r in copy_.mose_state.routes.items()}

@@ -29,6 +29,7 @@ from transformers import get_scheduler
 
 from mose.data.collate import Collator
 from mose.layers import Router
+from mose.models.checkpointing import disable_checkpointing, enable_checkpointing
 from mose.train.checkpoint import (
     begin_resume,
     copy_tensors,
@@ -137,7 +138,7 @@ def _train(model: nn.Module, plan: StagePlan, ctx: LoopContext, resume: bool) ->
                               num_training_steps=total)
     fingerprint = _fingerprint(acc, plan, ctx.seed)
     if opts.grad_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        enable_checkpointing(model, {"use_reentrant": False})
     model.train()
     runner, optimizer = _prepare(acc, model, optimizer, plan)
     # After prepare: FSDP2 replaced every parameter by a sharded one (and re-pointed the
@@ -167,7 +168,7 @@ def _train(model: nn.Module, plan: StagePlan, ctx: LoopContext, resume: bool) ->
     finally:
         logger.close()
         if opts.grad_checkpointing:
-            model.activation_checkpointing_disable()
+            disable_checkpointing(model)
         model.eval()
     plan.metrics.update(logger.last)
     return runner
