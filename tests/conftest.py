@@ -168,3 +168,41 @@ def assert_route_once_equals_uncached_decoding(model, processor, steps: int = 4)
         types = extra["mm_token_type_ids"]  # (B, T): 0 marks a text token
         extra["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(types[:, :1])], dim=1)
     assert torch.equal(generated, ids)
+
+
+# --- the engine tier (tests/engine) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def lora_mose(tmp_path_factory, questions):
+    """A saved tiny LoRA-MoSE Qwen2-VL whose experts all differ and whose routers spread `questions`
+    over several chains, so that an answer generated with the wrong chain's adapter (or none) shows."""
+    from mose.data import read_jsonl
+    from mose.models.processor import save_processor
+
+    model, processor = mose.tiny_model("qwen2_vl", seed=0)
+    model = mose.convert(model, mose.MoSEConfig(experts="lora", lora_rank=4)).eval()
+    randomise_deltas(model)
+    samples = [s for path in questions for s in read_jsonl(path)]
+    sharpen_routers(model, std=4.0, spread=prompt_batch(processor, samples))
+    folder = tmp_path_factory.mktemp("model") / "lora-mose"
+    model.save_pretrained(folder)
+    save_processor(processor, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def questions(tmp_path_factory):
+    """(driving world questions with their images, the same questions without images) as JSONL."""
+    import json
+
+    from mose.data import read_jsonl
+    from mose.data.world import generate
+
+    root = tmp_path_factory.mktemp("world")
+    with_images = generate("driving", 10, seed=0, out=root, split="test")
+    text_only = root / "text.jsonl"
+    text_only.write_text("".join(json.dumps(s.to_dict() | {"images": [], "id": s.id + "/text"}) + "\n"
+                                 for s in read_jsonl(with_images)))
+    return with_images, text_only
+

@@ -558,6 +558,42 @@ def export_command(
 
 
 @app.command()
+def serve(
+    model: str = typer.Option(..., help="a converted LoRA-MoSE model directory: its routers route"),
+    export: Path | None = typer.Option(None, help="its `mose export` folder (the backend's adapters); "
+                                       "default: every chain exported to a temporary folder"),
+    backend: str | None = typer.Option(None, help="URL of a running vLLM OpenAI server holding the "
+                                       "export's adapters; default: start one on --backend-port"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    backend_port: int = typer.Option(8001, help="port of the vLLM server mose starts (without --backend)"),
+    backend_timeout: float = typer.Option(300.0, help="seconds a backend answer may take (else 504)"),
+    max_concurrency: int = typer.Option(32, help="requests at the backend at once; more wait their turn"),
+    max_batch: int = typer.Option(16, help="requests routed in one batch at most"),
+    batch_window_ms: float = typer.Option(10.0, help="how long a request waits for others to route with"),
+    engine_arg: list[str] = typer.Option([], help="KEY=VALUE for the vLLM server mose starts "
+                                         "(repeatable), e.g. gpu_memory_utilization=0.5"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+) -> None:
+    """An OpenAI-compatible /v1/chat/completions that routes each request and answers with its
+    chain's adapter on a vLLM server; the skill chain comes back in the `mose` field."""
+    from mose.export import ExportError
+    from mose.serving.backend import BackendError
+    from mose.serving.engine import EngineError
+    from mose.serving.launch import run_server
+
+    try:
+        run_server(model, export=export, backend=backend, host=host, port=port, backend_port=backend_port,
+                   backend_timeout=backend_timeout, max_concurrency=max_concurrency, max_batch=max_batch,
+                   batch_window_s=batch_window_ms / 1000, engine_overrides=parse_key_values(engine_arg,
+                                                                                           "--engine-arg"),
+                   where=placement(device, dtype), say=console.print)
+    except (ValueError, FileNotFoundError, ImportError, ExportError, EngineError, BackendError) as error:
+        fail(error)
+
+
+@app.command()
 def route(
     model: str = typer.Option(..., help="a converted MoSE model directory"),
     data: Path = typer.Option(..., help="sample-record JSONL to route"),

@@ -1,4 +1,5 @@
-"""The README's Python example runs as written."""
+"""The README's Python example runs as written (its ```python blocks; a ```py block needs a running
+server, e.g. the `mose serve` client, which tests/engine/test_serve.py runs for real)."""
 
 import re
 from pathlib import Path

@@ -111,14 +111,10 @@ class SampleEncoder:
 
     def encode(self, sample: Sample, with_answer: bool = True) -> dict[str, torch.Tensor]:
         """Token ids, labels and image tensors (no skill labels)."""
-        text = self.chat_text(sample)
-        if self.vision:
-            images = load_images(sample, self.source) or None
-            encoded = self.processor(text=[text], images=images, return_tensors="pt")
-        else:
-            encoded = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
-        prompt_ids = encoded["input_ids"][0]  # (P,)
-        item = {k: v for k, v in encoded.items() if k in ("pixel_values", "image_grid_thw")}
+        images = load_images(sample, self.source) if self.vision else []
+        prompt = self.encode_prompt(self.chat_text(sample), images)
+        prompt_ids = prompt.pop("input_ids")  # (P,)
+        item = {k: v for k, v in prompt.items() if k != "mm_token_type_ids"}
         answer_ids = torch.empty(0, dtype=torch.long)
         if with_answer:
             target = target_text(sample)
@@ -134,9 +130,21 @@ class SampleEncoder:
             answer_ids = answer_ids[: self.max_length - len(prompt_ids)]
         item["input_ids"] = torch.cat([prompt_ids, answer_ids])  # (P + A,)
         item["labels"] = torch.cat([torch.full_like(prompt_ids, IGNORE), answer_ids])
+        if "mm_token_type_ids" in prompt:
+            item["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(answer_ids)])
+        return item
+
+    def encode_prompt(self, text: str, images: Sequence[Image.Image] = ()) -> dict[str, torch.Tensor]:
+        """A chat-formatted prompt (`chat_text`'s form) and its images → input_ids (P,), and for a
+        VL model pixel_values, image_grid_thw and mm_token_type_ids (P,)."""
+        if self.vision:
+            encoded = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
+        else:
+            encoded = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        item = {k: v for k, v in encoded.items() if k in ("pixel_values", "image_grid_thw")}
+        item["input_ids"] = encoded["input_ids"][0]  # (P,)
         if "mm_token_type_ids" in encoded:
-            types = encoded["mm_token_type_ids"][0]
-            item["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(answer_ids)])
+            item["mm_token_type_ids"] = encoded["mm_token_type_ids"][0]  # (P,)
         return item
 
 

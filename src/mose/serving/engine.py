@@ -79,6 +79,12 @@ def engine_args(export: Path, manifest: Mapping[str, Any], dtype: str = "auto", 
     return args | dict(overrides or {})
 
 
+def cpu_kv_cache_env() -> dict[str, str]:
+    """The KV cache vLLM reserves on a CPU, 1 GiB unless the user set VLLM_CPU_KVCACHE_SPACE:
+    vLLM's own default takes a large share of the machine's memory, which a laptop cannot spare."""
+    return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+
+
 def _has_gpu() -> bool:
     import torch
 
@@ -96,9 +102,7 @@ class VLLMEngine:
         self.manifest = read_manifest(self.export)
         self.adapter_ids = {c["name"]: i for i, c in enumerate(self.manifest["chains"], start=1)}
         vllm = import_vllm()
-        # The KV cache vLLM reserves on the CPU, in GiB, unless the user set it: its default takes
-        # a large share of the machine's memory, which a test or a laptop cannot spare.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.update(cpu_kv_cache_env())
         args = engine_args(self.export, self.manifest, dtype, max_images, overrides)
         try:
             self.llm = vllm.LLM(**args)
