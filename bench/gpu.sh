@@ -10,7 +10,9 @@
 #   4. the shipped CODA-LM LoRA recipe's stage sequence (router → sft → refit) on the 2B shape
 #      in bf16, shrunk by overrides, then predict: chains and answers compared across batch
 #      shapes and precisions, with tolerances (bench/recipe_run.py);
-#   5. `mose estimate` of the shipped CODA-LM recipe on 1 and 8 GPUs.
+#   5. where vLLM is installed beside mose: answer tokens/s of `mose predict` with the torch and the
+#      vLLM engine on the same questions, at the 2B widths (bench/engines.py);
+#   6. `mose estimate` of the shipped CODA-LM recipe on 1 and 8 GPUs.
 # Each part has its own time limit, so one slow part cannot eat the others' time.
 #
 #   bash bench/gpu.sh                          # on a GPU
@@ -85,6 +87,13 @@ if not rows:
 PYEOF
 part recipe_run "$RECIPE_LIMIT" "$PY" recipe_run.py --device "$DEVICE" "${RECIPE[@]}" \
   --json "$OUT_DIR/recipe_run.json"
+# Both engines' answer tokens/s, where vLLM is installed beside mose (PY=.venv-engine/bin/python on the CPU).
+if "$PY" -c "import vllm" 2>/dev/null; then
+  if [ "$QUICK" = 1 ]; then ENGINES=(--quick); else ENGINES=(--full --questions 256 --max-new-tokens 64); fi
+  part engines "$(( 300 * LIMIT_SCALE ))" "$PY" engines.py --device "$DEVICE" "${ENGINES[@]}"
+else
+  echo; echo "## engines: skipped, vLLM is not installed beside mose for $PY (pip install vllm)"
+fi
 echo; echo "## mose estimate (configs/coda-lm/mose.yaml)"
 (cd "$ROOT" && "$PY" - <<'PYEOF') || FAILED+=("estimate")
 from rich.console import Console

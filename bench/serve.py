@@ -172,8 +172,28 @@ def main() -> None:
               f"{routing / saved_per_step:.0f} new tokens (prompt {prompt}); route groups have no "
               "routing pass to pay for")
     with torch.no_grad():
+        routing_against_prefill(moe, ids, batch, device, repeats, route_all)
         lengths = [8] if args.quick else [16, 32] if args.full else [4, 16, 32]  # --full: a GPU's time
         end_to_end(moe, ids, batch, lengths, device, repeats)
+
+
+def routing_against_prefill(moe, ids: torch.Tensor, batch: int, device, repeats: int, route_all) -> None:
+    """The routing pass (`mose route`, `predict --engine vllm`, `mose serve`) stops after the last
+    MoSE layer's router: no later layer, no LM head. Its time against a full prefill of the same
+    batches, beside the share of decoder layers it runs."""
+    def prefill_all() -> None:
+        for rows in plain_batches(len(ids), batch):
+            moe(input_ids=ids[rows], use_cache=False)
+
+    seconds = medians({"full prefill": prefill_all, "routing pass": route_all}, device, repeats, 1)
+    layers = moe.config.num_hidden_layers
+    last = max(moe.level_of_layer)  # the last MoSE layer's index
+    table("the routing pass against a full prefill (same prompts and batches)",
+          ["pass", "ms", "× full prefill", "decoder layers run"],
+          [["full prefill (every layer, LM head)", f"{1000 * seconds['full prefill']:.1f}", 1.0,
+            f"{layers} of {layers}"],
+           ["routing pass (up to the last router)", f"{1000 * seconds['routing pass']:.1f}",
+            seconds["routing pass"] / seconds["full prefill"], f"{last + 1} of {layers}"]])
 
 
 def end_to_end(moe, ids: torch.Tensor, batch: int, lengths: list[int], device, repeats: int) -> None:
