@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
@@ -13,26 +13,35 @@ from rich.table import Table
 from rich.tree import Tree
 
 app = typer.Typer(help="Skill-by-skill Mixture-of-Experts for vision-language models.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True)
 world_app = typer.Typer(help="The procedural embodied world.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 data_app = typer.Typer(help="Benchmark data in its public formats.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
+# Choices typer lists in --help and checks before the command runs.
+Domain = Literal["driving", "robot"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DEVICE_HELP = "where the model runs: auto (cuda if there is one, else cpu), cpu, cuda, cuda:N or mps"
 DTYPE_HELP = ("the model's dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, "
               "bfloat16 or float16")
 
 
 @app.callback()
-def _quiet_hub_bars() -> None:
-    """mose's own bars say what is happening: transformers' per-load "Loading weights" bars
-    (read from this variable when transformers is imported) stay off unless the user sets it."""
+def _settings(debug: bool = typer.Option(False, "--debug", envvar="MOSE_DEBUG",
+                                         help="show the traceback behind an error")) -> None:
+    """Skill-by-skill Mixture-of-Experts for vision-language models."""
+    # mose's own bars say what is happening: transformers' per-load "Loading weights" bars
+    # (read from this variable when transformers is imported) stay off unless the user sets it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if debug:
+        os.environ["MOSE_DEBUG"] = "1"
 
 
 def fail(error: Exception) -> None:
-    """Print a clear error and exit 2 (bad input), without a traceback."""
+    """Print a clear error and exit 2 (bad input); the traceback too with --debug / MOSE_DEBUG=1."""
+    if os.environ.get("MOSE_DEBUG", "") not in ("", "0"):
+        console.print_exception()
     console.print(f"[red]error:[/red] {error}")
     raise typer.Exit(2)
 
@@ -59,7 +68,7 @@ def parse_weights(items: list[str]) -> dict[str, float]:
 
 @world_app.command("generate")
 def world_generate(
-    domain: str = typer.Option(..., help="driving or robot"),
+    domain: Domain = typer.Option(..., help="which world"),
     n: int = typer.Option(..., help="number of samples"),
     seed: int = typer.Option(0, help="the samples are a function of (seed, split, index)"),
     out: Path = typer.Option(..., help="folder for SPLIT.jsonl and images/"),
@@ -89,7 +98,8 @@ def data_convert(
     src: Path = typer.Argument(..., help="CODA-LM split folder, Robo2VLM parquet file or folder, "
                                "DriveLM JSON, or sample JSONL"),
     out: Path = typer.Argument(..., help="sample-record JSONL to write"),
-    format: str = typer.Option(..., "--format", help="coda-lm, robo2vlm, drivelm or jsonl"),
+    format: Literal["coda-lm", "robo2vlm", "drivelm", "jsonl"] = typer.Option(..., "--format",
+                                                                           help="the source's format"),
     images: Path | None = typer.Option(None, help="image root: CODA2022 for coda-lm, nuScenes for "
                                        "drivelm"),
     skip_bad: bool = typer.Option(False, help="skip bad records and count them, instead of stopping"),
@@ -247,17 +257,19 @@ def predict(
     force_skills: bool = typer.Option(False, help="route each question by its record's skills, not "
                                       "the routers (MoSE; oracle routing: an upper bound that reads the "
                                       "labels)"),
-    format: str | None = typer.Option(None, "--format", help="coda-lm: also write the answer files "
-                                      "CODA-LM's evaluation reads, in OUT's folder under coda-lm/"),
-    engine: str = typer.Option("torch", help="torch: mose generates; vllm: mose routes, vLLM generates "
-                               "each question with its chain's exported adapter (LoRA-MoSE models)"),
+    format: Literal["coda-lm"] | None = typer.Option(
+        None, "--format", help="coda-lm: also write the answer files CODA-LM's evaluation reads, in "
+        "OUT's folder under coda-lm/"),
+    engine: Literal["torch", "vllm"] = typer.Option(
+        "torch", help="torch: mose generates; vllm: mose routes, vLLM generates each question with its "
+        "chain's exported adapter (LoRA-MoSE models)"),
     export: Path | None = typer.Option(None, help="with --engine vllm: a `mose export` folder to serve "
                                        "(default: the chains the questions take, exported to a "
                                        "temporary folder)"),
     engine_arg: list[str] = typer.Option([], help="with --engine vllm: KEY=VALUE passed to vllm.LLM "
                                          "(repeatable; YAML values), e.g. gpu_memory_utilization=0.8"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    dtype: Dtype = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Answer every question in one forward pass, with its skill chain; resumable."""
     from mose.data import DataError, read_jsonl
@@ -267,10 +279,6 @@ def predict(
     from mose.models.loading import load_for_inference
     from mose.serving.engine import EngineError
 
-    if format not in (None, "coda-lm"):
-        fail(ValueError(f"--format {format!r}: the one extra format is coda-lm"))
-    if engine not in ("torch", "vllm"):
-        fail(ValueError(f"--engine {engine!r}: choose torch or vllm"))
     try:
         where = placement(device, dtype)  # before any work: a missing GPU is known at once
         samples = list(read_jsonl(data))
@@ -329,7 +337,7 @@ def chat(
     image: Path | None = typer.Option(None, help="the image the question is about"),
     max_new_tokens: int = typer.Option(256, help="longest answer, in tokens"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    dtype: Dtype = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """One answer and the skill chain that explains it."""
     from mose.data import DataError
@@ -347,7 +355,7 @@ def chat(
 
 @app.command()
 def score(
-    bench: str = typer.Argument(..., help="robo2vlm, world, drivelm or coda-lm"),
+    bench: Literal["robo2vlm", "world", "drivelm", "coda-lm"] = typer.Argument(..., help="the benchmark"),
     pred: Path = typer.Option(..., help="predictions JSONL ({id, answer, skill_chain} per line)"),
     ref: Path = typer.Option(..., help="sample-record JSONL with the reference answers"),
     out: Path | None = typer.Option(None, help="scores JSON to write"),
@@ -360,9 +368,9 @@ def score(
                                       "judge-cache/ beside PRED); a rerun asks only what is missing"),
     workers: int = typer.Option(8, help="coda-lm: parallel judge requests"),
     timeout: float = typer.Option(60.0, help="coda-lm: seconds per judge request"),
-    protocol: str = typer.Option("mose", help="coda-lm: mose (mose's judge prompts) or official (the "
-                                 "official scripts' prompts, few-shot files and rating rule, read from "
-                                 "--coda-lm-repo); published numbers need official"),
+    protocol: Literal["mose", "official"] = typer.Option(
+        "mose", help="coda-lm: mose (mose's judge prompts) or official (the official scripts' prompts, "
+        "few-shot files and rating rule, read from --coda-lm-repo); published numbers need official"),
     coda_lm_repo: Path | None = typer.Option(None, help="coda-lm, --protocol official: your clone of "
                                              "github.com/DLUT-LYZ/CODA-LM (or its evaluation/ folder)"),
 ) -> None:
@@ -396,7 +404,7 @@ def analyze(
     max_samples: int = typer.Option(8, help="sample answers shown in the report"),
     batch_size: int = typer.Option(8, help="batch size of the routing pass"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    dtype: Dtype = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Expert diversity, routing statistics (router accuracy beside its probe ceiling), an HTML report."""
     from rich.markup import escape
@@ -505,6 +513,17 @@ def version() -> None:
     console.print(__version__)
 
 
+@app.command()
+def env() -> None:
+    """Versions, devices and dtype support: paste it into a bug report."""
+    from mose.env import environment
+
+    table = Table("", "", show_header=False, title="mose env")
+    for name, value in environment().items():
+        table.add_row(name, value)
+    console.print(table)
+
+
 @app.command("export")
 def export_command(
     model: Path = typer.Option(..., help="a converted MoSE model directory"),
@@ -519,9 +538,9 @@ def export_command(
     base_name: str | None = typer.Option(None, help="what the adapters' configs name as their base "
                                          "(base_model_name_or_path: a Hub id or the path an engine "
                                          "loads it from); default: OUT/base's absolute path"),
-    dtype: str | None = typer.Option(None, help="write the adapters and the base (or the merged "
-                                     "checkpoint) in float32, bfloat16 or float16; default: the "
-                                     "model's own. The routers stay float32"),
+    dtype: Literal["float32", "bfloat16", "float16"] | None = typer.Option(
+        None, help="write the adapters and the base (or the merged checkpoint) in this dtype; default: "
+        "the model's own. The routers stay float32"),
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
 ) -> None:
     """Per-chain PEFT LoRA adapters of a MoSE model for multi-LoRA serving, or one chain merged."""
@@ -532,8 +551,6 @@ def export_command(
     try:
         if merge is not None and chain:
             raise ValueError("--merge writes one chain: give it alone, without --chain")
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         cast = DTYPES[dtype] if dtype else None
         if not is_converted(model_type_of(str(model))):
             raise ValueError(f"{model}: not a converted mose model directory (its config.json's "
@@ -574,7 +591,7 @@ def serve(
     engine_arg: list[str] = typer.Option([], help="KEY=VALUE for the vLLM server mose starts "
                                          "(repeatable), e.g. gpu_memory_utilization=0.5"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    dtype: Dtype = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """An OpenAI-compatible /v1/chat/completions that routes each request and answers with its
     chain's adapter on a vLLM server; the skill chain comes back in the `mose` field."""
@@ -602,7 +619,7 @@ def route(
     batch_size: int = typer.Option(8, help="batch size of the routing pass"),
     show: int = typer.Option(20, help="records printed (all are written to --out)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    dtype: Dtype = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """The routing pass alone: each record's skill chain and the exported adapter it maps to."""
     import json
