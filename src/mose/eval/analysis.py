@@ -18,12 +18,13 @@ fitted on the same pooled hidden states the level's routers read.
 
 This module computes and holds the numbers; `mose.eval.report` renders them,
 and `mose.eval.analyze` (the `mose analyze` command) loads models and files and
-writes the report. Neither is imported here.
+writes the report. Neither is imported here, not even lazily: the three import
+one way, analysis <- report <- analyze (so the driver `analyze` is imported from
+`mose.eval.analyze` only).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -483,10 +484,3 @@ def _verdict(sample: Sample, answer: str) -> str | None:
         return None
     return "exact match" if exact_match(answer, sample.answer) else "differs"
 
-
-def __getattr__(name: str) -> Any:
-    # The driver (`analyze`: load models and files, write the report) imports this module and the
-    # report's, so it lives in mose.eval.analyze; looked up lazily, it stays importable from here.
-    if name in ("analyze", "load_scores"):
-        return getattr(importlib.import_module("mose.eval.analyze"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """`mose analyze` as a library call: load the models and files, analyse, write the report.
 
 The one module that imports both halves: `mose.eval.analysis` computes,
-`mose.eval.report` renders.
+`mose.eval.report` renders. It sits on top (analysis <- report <- analyze), and
+neither half imports it back.
 
     path = analyze("runs/train/mose/sft", "runs/analysis", compare_dir="runs/moe/sft",
                    data="runs/world/test.jsonl", predictions="runs/pred.jsonl",
@@ -24,6 +25,7 @@ from mose.eval.batching import check_batch_size
 from mose.eval.predictions import Prediction, read_predictions
 from mose.eval.report import write_report
 from mose.models.device import resolve_placement
+from mose.models.loading import is_converted, load_for_inference, model_type_of
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,6 @@ def run_analysis(model_dir: str | Path, out_dir: str | Path, *, compare_dir: str
         device, dtype: where and in what precision the models run (`auto`: the GPU in
             bfloat16 where there is one, else the CPU in float32; see `mose.models.device`).
     """
-    from mose.models.loading import is_converted, load_for_inference, model_type_of
-
     placement = resolve_placement(device, dtype)  # a missing GPU fails before any work
     if predictions is not None and data is None:
         raise AnalysisError("predictions need --data: the samples they answer "
