@@ -12,12 +12,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
+from mose.recipes_cli import recipes_app
+
 app = typer.Typer(help="Skill-by-skill Mixture-of-Experts for vision-language models.",
                   no_args_is_help=True)
 world_app = typer.Typer(help="The procedural embodied world.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 data_app = typer.Typer(help="Benchmark data in its public formats.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(recipes_app, name="recipes")
 console = Console()
 # Choices typer lists in --help and checks before the command runs.
 Domain = Literal["driving", "robot"]

@@ -44,6 +44,7 @@ from mose.models.device import Placement, resolve_placement
 from mose.skills.rules import RuleAnnotator
 from mose.study.methods import METHODS
 from mose.train.recipe import RecipeError, apply_override, build_options, check_range, read_with_base
+from mose.train.shipped import recipe_path
 
 
 class StudyError(RecipeError):
@@ -61,11 +62,14 @@ QUESTION_SKILLS = {"driving": ("driving-question", "world-driving-question"),
 class WorldOptions:
     """The procedural world, generated in three disjoint splits."""
 
-    domain: Literal["driving", "robot"]
-    pretrain_samples: int = 6000  # general questions (`--general`) for the tiny model's pretraining
-    train_samples: int = 6000  # benchmark questions every method fine-tunes on
-    test_samples: int = 400
-    seed: int = 0  # the data's seed (the runs' seeds are `seeds`)
+    domain: Literal["driving", "robot"] = field(metadata={"help": "Which world: driving or robot."})
+    pretrain_samples: int = field(default=6000, metadata={"help":
+        "General questions (`--general`) for the tiny model's pretraining."})
+    train_samples: int = field(default=6000, metadata={"help":
+        "Benchmark questions every method fine-tunes on."})
+    test_samples: int = field(default=400, metadata={"help":
+        "Benchmark questions every method is scored on."})
+    seed: int = field(default=0, metadata={"help": "The data's seed (the runs' seeds are `seeds`)."})
 
     def __post_init__(self) -> None:
         check_range(self, pretrain_samples=(1, None, True), train_samples=(1, None, True),
@@ -76,22 +80,24 @@ class WorldOptions:
 class DataFiles:
     """A benchmark's records (`mose data convert`) instead of a generated world."""
 
-    train: str
-    test: str
-    labelled: str | None = None  # skill-labelled records for the routers (default: shipped rules on train)
+    train: str = field(metadata={"help": "Converted training records (`mose data convert`)."})
+    test: str = field(metadata={"help": "Converted test records."})
+    labelled: str | None = field(default=None, metadata={"help":
+        "Skill-labelled records for the routers (default: shipped rules on train)."})
 
 
 @dataclass
 class MethodsExperiment:
-    methods: list[str]
+    methods: list[str] = field(metadata={"help": "The methods compared (see the methods table)."})
 
 
 @dataclass
 class DataSizeExperiment:
     """The paper's Fig. 7: accuracy against the fraction of answer data fine-tuned on."""
 
-    methods: list[str]
-    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    methods: list[str] = field(metadata={"help": "The methods compared."})
+    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0], metadata={"help":
+        "Fractions of the fine-tuning data, each > 0 and <= 1."})
 
     def __post_init__(self) -> None:
         for i, fraction in enumerate(self.fractions):
@@ -103,8 +109,9 @@ class DataSizeExperiment:
 class SkillDataExperiment:
     """The paper's Table 3: skill-labelled samples the routers learn from."""
 
-    labelled: list[int]
-    methods: list[str] = field(default_factory=lambda: ["mose"])
+    labelled: list[int] = field(metadata={"help": "Sizes of the skill-labelled set the routers learn from."})
+    methods: list[str] = field(default_factory=lambda: ["mose"], metadata={"help":
+        "Methods with skill routers."})
 
     def __post_init__(self) -> None:
         for i, size in enumerate(self.labelled):
@@ -118,16 +125,20 @@ class SkillDataExperiment:
 
 @dataclass
 class Experiments:
-    main: MethodsExperiment | None = None  # the paper's Tables 1 and 2
-    data_size: DataSizeExperiment | None = None
-    skill_data: SkillDataExperiment | None = None
-    diversity: MethodsExperiment | None = None  # the paper's Fig. 8: expert similarity
+    main: MethodsExperiment | None = field(default=None, metadata={"help":
+        "The paper's Tables 1 and 2: every method's accuracy, routing and parameters."})
+    data_size: DataSizeExperiment | None = field(default=None, metadata={"help":
+        "The paper's Fig. 7: accuracy against the fraction of the fine-tuning data."})
+    skill_data: SkillDataExperiment | None = field(default=None, metadata={"help":
+        "The paper's Table 3: accuracy against the number of skill-labelled samples."})
+    diversity: MethodsExperiment | None = field(default=None, metadata={"help":
+        "The paper's Fig. 8: expert similarity."})
 
 
 @dataclass
 class Generation:
-    max_new_tokens: int = 16
-    batch_size: int = 32
+    max_new_tokens: int = field(default=16, metadata={"help": "Answer tokens generated per test question."})
+    batch_size: int = field(default=32, metadata={"help": "Test questions answered per batch."})
 
     def __post_init__(self) -> None:
         check_range(self, max_new_tokens=(1, None, True), batch_size=(1, None, True))
@@ -135,29 +146,48 @@ class Generation:
 
 @dataclass
 class StudyConfig:
-    name: str
-    output_dir: str
-    experiments: Experiments
-    model: str = "tiny:qwen2_vl"
-    world: WorldOptions | None = None
-    data: DataFiles | None = None
-    score: str | None = None  # the scorer (`mose score`): world (the default with `world`), robo2vlm, ...
-    judge: dict = field(default_factory=dict)  # coda-lm's judge options (judge_model, judge_base_url, ...)
-    taxonomy: str | None = None  # MoSE's skills; default: the world's domain
-    question_taxonomy: str | None = None  # mose_question's skills; default: QUESTION_SKILLS[taxonomy]
-    question_rules: str | None = None  # the rules that label them (shipped name or YAML); default: the same
-    pretrain: dict | None = None  # backbone-stage options of the tiny model's pretraining
-    # Stages run before `pretrain`, each on the general records of its `kinds`; its other keys
-    # are backbone options over `pretrain`'s (docs/calibration.md, where it was tried on the robot world)
-    curriculum: list[dict] = field(default_factory=list)
-    finetune: dict = field(default_factory=dict)  # training options every method's fine-tuning shares
-    router: dict = field(default_factory=dict)  # router-stage options (MoSE): labelled, epochs, ...
-    recipe: dict = field(default_factory=dict)  # recipe keys of every run: mixed_precision, data…
-    generation: Generation = field(default_factory=Generation)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    device: str = "auto"  # where evaluation runs: auto, cpu, cuda, cuda:N, mps (training: Accelerate's)
-    dtype: str = "auto"  # evaluation's dtype: auto, float32, bfloat16, float16 (training: recipe.dtype)
-    source: str = "<study>"
+    name: str = field(metadata={"help": "The study's title in the report."})
+    output_dir: str = field(metadata={"help": "Where runs, results.json and report.html go."})
+    experiments: Experiments = field(metadata={"help":
+        "The experiments, each a table in the report (see below)."})
+    model: str = field(default="tiny:qwen2_vl", metadata={"help":
+        "tiny:qwen2_vl (pretrained on the world's general questions first) or a real checkpoint (fine-tuned "
+        "as it is)."})
+    world: WorldOptions | None = field(default=None, metadata={"help":
+        "The procedural world (give this or data)."})
+    data: DataFiles | None = field(default=None, metadata={"help":
+        "A benchmark's converted files (give this or world)."})
+    score: str | None = field(default=None, metadata={"help":
+        "The scorer (`mose score`): world (the default with `world`), robo2vlm, drivelm, coda-lm."})
+    judge: dict = field(default_factory=dict, metadata={"help":
+        "coda-lm's judge options (judge_model, judge_base_url, ...)."})
+    taxonomy: str | None = field(default=None, metadata={"help":
+        "MoSE's skills; default: the world's domain."})
+    question_taxonomy: str | None = field(default=None, metadata={"help":
+        "mose_question's skills; default: QUESTION_SKILLS[taxonomy]."})
+    question_rules: str | None = field(default=None, metadata={"help":
+        "The rules that label them (shipped name or YAML); default: the same."})
+    pretrain: dict | None = field(default=None, metadata={"help":
+        "Backbone-stage options of the tiny model's pretraining."})
+    curriculum: list[dict] = field(default_factory=list, metadata={"help":
+        "Stages run before `pretrain`, each on the general records of its `kinds`; its other keys are "
+        "backbone options over `pretrain`'s."})
+    finetune: dict = field(default_factory=dict, metadata={"help":
+        "Training options every method's fine-tuning shares."})
+    router: dict = field(default_factory=dict, metadata={"help":
+        "Router-stage options (MoSE): labelled, epochs, ..."})
+    recipe: dict = field(default_factory=dict, metadata={"help":
+        "Recipe keys of every run: mixed_precision, dtype, data."})
+    generation: Generation = field(default_factory=Generation, metadata={"help":
+        "How the test split is answered."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help":
+        "Fine-tuning seeds; every cell is the mean ± sample sd over them."})
+    device: str = field(default="auto", metadata={"help":
+        "Where evaluation runs: auto, cpu, cuda, cuda:N, mps (training: Accelerate's)."})
+    dtype: str = field(default="auto", metadata={"help":
+        "Evaluation's dtype: auto, float32, bfloat16, float16 (training: recipe.dtype)."})
+    source: str = field(default="<study>", metadata={"help":
+        "The file it came from, for error messages (not a key)."})
 
     def __post_init__(self) -> None:
         if (self.world is None) == (self.data is None):
@@ -284,13 +314,14 @@ class StudyConfig:
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
-    """Read a study (with its `base:`), apply `key=value` overrides, and validate."""
-    path = Path(path)
+    """Read a study (with its `base:`), apply `key=value` overrides, and validate. `path` may
+    also name a shipped study (`study/driving`), so an installed mose runs them as they are."""
     try:
+        path = recipe_path(path)
         data = read_with_base(path, what="study")
         for item in overrides:
             apply_override(data, item, path)
-    except RecipeError as error:
+    except ValueError as error:  # RecipeError, or a name that is neither a file nor shipped
         raise StudyError(str(error)) from None
     return study_from_dict(data, source=str(path))
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import yaml
 
 from mose.config import MoSEConfig, TokenMoEConfig, config_from_dict
+from mose.train.shipped import recipe_path
 
 STAGE_KINDS = ("backbone", "convert", "router", "sft")
 
@@ -40,11 +41,16 @@ class RecipeError(ValueError):
 
 @dataclass
 class DataOptions:
-    train: str | None = None  # sample-record JSONL every training stage reads unless it names its own
-    eval: str | None = None  # labelled held-out records for router accuracy (default: split off train)
-    fraction: float = 1.0  # of the answer data (backbone, sft): for data-size studies
-    max_length: int | None = None  # tokens per sample; longer answers are cut
-    max_pixels: int | None = None  # cap on an image's pixels (448*448 = 256 tokens); saved with the model
+    train: str | None = field(default=None, metadata={"help":
+        "Sample-record JSONL every training stage reads unless it names its own."})
+    eval: str | None = field(default=None, metadata={"help":
+        "Labelled held-out records for router accuracy (default: split off train)."})
+    fraction: float = field(default=1.0, metadata={"help":
+        "A seeded fraction of the answer data (backbone, sft): for data-size studies."})
+    max_length: int | None = field(default=None, metadata={"help":
+        "Tokens per sample; longer answers are cut."})
+    max_pixels: int | None = field(default=None, metadata={"help":
+        "Cap on an image's pixels (448*448 = 256 tokens); saved with the model."})
 
     def __post_init__(self) -> None:
         check_range(self, fraction=(0.0, 1.0, False), max_length=(1, None, True),
@@ -55,20 +61,25 @@ class DataOptions:
 class TrainOptions:
     """What every training stage shares: optimisation, schedule, logging, checkpoints."""
 
-    data: str | None = None  # this stage's records instead of data.train
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 8  # per process, per micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.03
-    max_grad_norm: float | None = 1.0
-    grad_checkpointing: bool = False
-    log_every: int = 10
-    save_every: int = 100  # optimizer steps between resume states (0: none; each holds the
-    # trainable weights and their AdamW moments, so large trainable sets want it rarer)
+    data: str | None = field(default=None, metadata={"help": "This stage's records instead of data.train."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the stage's data."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides epochs."})
+    batch_size: int = field(default=8, metadata={"help": "Samples per process, per micro-batch."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    schedule: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help":
+        "Learning-rate schedule after warm-up."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Share of the steps spent warming up."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help":
+        "Gradient clipping norm (None: no clipping)."})
+    grad_checkpointing: bool = field(default=False, metadata={"help":
+        "Non-reentrant gradient checkpointing of the decoder layers."})
+    log_every: int = field(default=10, metadata={"help":
+        "Optimizer steps between log lines (TensorBoard, metrics.jsonl)."})
+    save_every: int = field(default=100, metadata={"help":
+        "Optimizer steps between resume states (0: none; each holds the trainable weights and their AdamW "
+        "moments, so large trainable sets want it rarer)."})
 
     def __post_init__(self) -> None:
         check_range(self, epochs=(0.0, None, False), max_steps=(1, None, True),
@@ -82,10 +93,15 @@ class TrainOptions:
 class BackboneStage(TrainOptions):
     """Plain fine-tuning of the dense model (the demo's pretraining; the dense-SFT baseline)."""
 
-    stage: Literal["backbone"] = "backbone"
-    trainable: Literal["all", "language", "ffn"] = "language"  # language: all but the vision tower
-    layers: str | list[int] = "even"  # whose FFNs train with trainable=ffn (MoSE's layers by default)
-    vision_lr: float | None = None  # the vision tower's own peak lr with trainable=all (None: lr)
+    stage: Literal["backbone"] = field(default="backbone", metadata={"help":
+        "The stage kind (default: the stage's name)."})
+    trainable: Literal["all", "language", "ffn"] = field(default="language", metadata={"help":
+        "What trains: all, language (all but the vision tower) or ffn (the FFNs of layers: the dense-SFT "
+        "baseline)."})
+    layers: str | list[int] = field(default="even", metadata={"help":
+        "Whose FFNs train with trainable=ffn (MoSE's layers by default)."})
+    vision_lr: float | None = field(default=None, metadata={"help":
+        "The vision tower's own peak lr with trainable=all (None: lr)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,23 +117,29 @@ class RouterStage(TrainOptions):
     (`mose.train.router_fit`): `epochs` / `max_steps` bound the fit, which keeps the epoch
     best on the held-out split and stops after `patience` epochs without a better one."""
 
-    stage: Literal["router"] = "router"
-    epochs: float = 200.0
-    batch_size: int = 16
-    lr: float = 1e-2
-    schedule: Literal["cosine", "linear", "constant"] = "constant"
-    warmup_ratio: float = 0.0
-    labelled: int | None = None  # skill-labelled samples to learn from (None: all there are)
-    eval_size: int = 200  # held out from the labelled pool when data.eval is not given
-    patience: int = 20  # epochs without a better held-out score before the fit stops
-    # The dtypes the model will answer in. A bf16 forward moves the pooled inputs a router reads
-    # by about as much as one skill's inputs differ from another's, so the routers are fitted on
-    # the inputs of a forward in each (the weights held in it meanwhile) and scored in each.
+    stage: Literal["router"] = field(default="router", metadata={"help":
+        "The stage kind (default: the stage's name)."})
+    epochs: float = field(default=200.0, metadata={"help":
+        "Upper bound on the fit's epochs over the cached router inputs."})
+    batch_size: int = field(default=16, metadata={"help": "Router inputs per step of the fit."})
+    lr: float = field(default=1e-2, metadata={"help": "The routers' learning rate (AdamW)."})
+    schedule: Literal["cosine", "linear", "constant"] = field(default="constant", metadata={"help":
+        "Learning-rate schedule of the fit."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of the steps spent warming up."})
+    labelled: int | None = field(default=None, metadata={"help":
+        "Skill-labelled samples to learn from (None: all there are)."})
+    eval_size: int = field(default=200, metadata={"help":
+        "Held out from the labelled pool when data.eval is not given."})
+    patience: int = field(default=20, metadata={"help":
+        "Epochs without a better held-out score before the fit stops."})
     precisions: list[Literal["float32", "bfloat16", "float16"]] = field(
-        default_factory=lambda: ["float32", "bfloat16"])
-    # Weight of the squared gap between a sample's router logits in the first precision and in
-    # the others: near a boundary, what decides a route must not be what the precision rounds.
-    consistency: float = 10.0
+        default_factory=lambda: ["float32", "bfloat16"], metadata={"help":
+        "The dtypes the model will answer in. A bf16 forward moves the pooled inputs a router reads by about"
+        " as much as one skill's inputs differ from another's, so the routers are fitted on the inputs of a "
+        "forward in each (the weights held in it meanwhile) and scored in each."})
+    consistency: float = field(default=10.0, metadata={"help":
+        "Weight of the squared gap between a sample's router logits in the first precision and in the "
+        "others: near a boundary, what decides a route must not be what the precision rounds."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,19 +153,24 @@ class RouterStage(TrainOptions):
 class SFTStage(TrainOptions):
     """Answer-only fine-tuning of the MoSE (or token-MoE) blocks; the rest frozen."""
 
-    stage: Literal["sft"] = "sft"
-    skill_loss_weight: float = 0.0  # keep the routers' skill loss as an auxiliary term
-    teacher_forcing: bool = False  # route by the samples' skill labels instead of the routers
-    # None: the token MoE's routers train, MoSE's only with skill_loss_weight (else they stay
-    # as the router stage fitted them)
-    train_routers: bool | None = None
+    stage: Literal["sft"] = field(default="sft", metadata={"help":
+        "The stage kind (default: the stage's name)."})
+    skill_loss_weight: float = field(default=0.0, metadata={"help":
+        "Keep the routers' skill loss as an auxiliary term, with this weight."})
+    teacher_forcing: bool = field(default=False, metadata={"help":
+        "Route by the samples' skill labels instead of the routers."})
+    train_routers: bool | None = field(default=None, metadata={"help":
+        "None: the token MoE's routers train, MoSE's only with skill_loss_weight (else they stay as the "
+        "router stage fitted them)."})
 
 
 @dataclass
 class ConvertStage:
-    stage: Literal["convert"] = "convert"
-    mose: dict | None = None  # MoSEConfig fields
-    token_moe: dict | None = None  # TokenMoEConfig fields
+    stage: Literal["convert"] = field(default="convert", metadata={"help":
+        "The stage kind (default: the stage's name)."})
+    mose: dict | None = field(default=None, metadata={"help": "MoSEConfig fields: convert to MoSE."})
+    token_moe: dict | None = field(default=None, metadata={"help":
+        "TokenMoEConfig fields: convert to the token-MoE baseline."})
 
     def config(self) -> MoSEConfig | TokenMoEConfig:
         kind, fields_ = ("mose", self.mose) if self.mose is not None else ("token_moe", self.token_moe)
@@ -171,15 +198,19 @@ STAGE_CLASSES: dict[str, type] = {"backbone": BackboneStage, "convert": ConvertS
 
 @dataclass
 class Recipe:
-    model: str
-    output_dir: str
-    stages: dict[str, StageOptions]
-    data: DataOptions = field(default_factory=DataOptions)
-    seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU has it
-    # weights as loaded; training stages need float32 (mixed_precision computes in half precision)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    source: str = "<recipe>"  # the file it came from, for error messages
+    model: str = field(metadata={"help": "tiny:KIND, a local directory (dense or converted) or a Hub id."})
+    output_dir: str = field(metadata={"help":
+        "Every stage writes a complete model directory OUTPUT_DIR/STAGE/."})
+    stages: dict[str, StageOptions] = field(metadata={"help":
+        "The stages, in order: name → options (see the stage tables)."})
+    data: DataOptions = field(default_factory=DataOptions, metadata={"help": "Data options (see below)."})
+    seed: int = field(default=0, metadata={"help": "Seed of batch order, initialisation and data subsets."})
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"help":
+        "auto: bf16 where the GPU has it."})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help":
+        "Weights as loaded; training stages need float32 (mixed_precision computes in half precision)."})
+    source: str = field(default="<recipe>", metadata={"help":
+        "The file it came from, for error messages (not a key)."})
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -191,8 +222,12 @@ class Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, merge `base:`, apply `key=value` overrides, and validate."""
-    path = Path(path)
+    """Read, merge `base:`, apply `key=value` overrides, and validate. `path` may also name a
+    shipped recipe (`coda-lm/mose`), so an installed mose runs them without the repository."""
+    try:
+        path = recipe_path(path)
+    except ValueError as error:  # neither a file nor a shipped name: a RecipeError, as a missing file was
+        raise RecipeError(str(error)) from None
     data = read_with_base(path, seen=())
     for item in overrides:
         apply_override(data, item, path)
