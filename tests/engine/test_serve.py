@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,6 +27,7 @@ from mose.serving.backend import start_vllm_server
 from mose.serving.requests import image_data_url
 
 pytestmark = pytest.mark.engine
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -142,6 +144,17 @@ def test_once_the_backend_is_up_the_openai_client_gets_mose_answers_with_their_c
         extension = reply.model_extra["mose"]
         assert extension["skill_chain"] == want["skill_chain"]
         assert extension["adapter"] == setting["routes"][sample.id]
+
+
+def test_the_client_example_prints_the_answer_and_its_chain(setting):
+    sample = served(setting)[0]
+    command = [sys.executable, str(ROOT / "examples" / "serve_client.py"), "--url", setting["url"] + "/v1",
+               "--image", sample.images[0], "--max-tokens", str(MAX_NEW_TOKENS), prompt_text(sample)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for level, choice in setting["expected"][sample.id]["skill_chain"].items():
+        assert f"{level}: {choice['skill']} (" in run.stdout
+    assert f"adapter: {setting['routes'][sample.id]}" in run.stdout
 
 
 def test_streaming_passes_through_with_the_chain_in_its_first_event(setting):
