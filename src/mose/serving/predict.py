@@ -40,6 +40,7 @@ from mose.export import (
 )
 from mose.models.device import Placement, dtype_str
 from mose.models.loading import load_for_inference
+from mose.routing import SkillChain
 from mose.serving.engine import EnginePrompt, VLLMEngine, import_vllm, sampling_params
 
 # Questions per engine call: vLLM batches inside a call, and each call's answers are
@@ -67,20 +68,9 @@ def predict_with_vllm(model_spec: str, samples: Sequence[Sample], out_path: str 
         return PredictReport(log.out_path, len(samples), 0, 0, 0, None, time.perf_counter() - begin)
     todo = log.todo(samples)
     with tempfile.TemporaryDirectory(prefix="mose-export-") as tmp:
-        model, processor = load_for_inference(model_spec, placement)
-        cfg = _check_servable(model, model_spec)
-        routed = route_samples(model, processor, todo, batch_size=batch_size, progress=progress,
-                               source=source)
-        _warn_inexact([chain_adapter(cfg, c)[1] for c in routed])
+        routed, folder, encoder = _route_and_export(model_spec, placement, todo, export, Path(tmp),
+                                                    batch_size, progress, source)
         chains = [tuple(c.as_dict().values()) for c in routed]
-        folder = Path(tmp) / "export" if export is None else Path(export)
-        if export is None:  # exactly the chains these questions take
-            export_adapters(model, folder, sorted(set(chains)), processor=processor, progress=False)
-        else:
-            _check_export(folder, {chain_name(c) for c in chains})
-        encoder = SampleEncoder(processor, source=source)
-        del model
-        _free_device(placement)  # the engine needs the device's memory
         engine = VLLMEngine(folder, dtype=dtype_str(placement.dtype), overrides=engine_overrides,
                             max_images=max((len(s.images) for s in todo), default=1))
         sampling = sampling_params(options.max_new_tokens, options.do_sample, options.temperature,
@@ -97,6 +87,29 @@ def predict_with_vllm(model_spec: str, samples: Sequence[Sample], out_path: str 
                 bar.advance(task, len(rows))
     return PredictReport(log.out_path, len(samples), len(todo), log.resumed,
                          -(-len(todo) // ENGINE_CHUNK), len(set(chains)), time.perf_counter() - begin)
+
+
+def _route_and_export(model_spec: str, placement: Placement, samples: Sequence[Sample],
+                      export: str | Path | None, tmp: Path, batch_size: int, progress: bool,
+                      source: str) -> tuple[list[SkillChain], Path, SampleEncoder]:
+    """Steps 1 and 2: each sample's chain, the export folder holding their adapters (the given one,
+    checked, or `tmp`/export with exactly those chains), and the prompt encoder. The model is freed
+    before returning: the engine needs the device's memory."""
+    model, processor = load_for_inference(model_spec, placement)
+    cfg = _check_servable(model, model_spec)
+    routed = route_samples(model, processor, samples, batch_size=batch_size, progress=progress,
+                           source=source)
+    _warn_inexact([chain_adapter(cfg, c)[1] for c in routed])
+    chains = {tuple(c.as_dict().values()) for c in routed}
+    if export is None:
+        folder = tmp / "export"
+        export_adapters(model, folder, sorted(chains), processor=processor, progress=False)
+    else:
+        folder = Path(export)
+        _check_export(folder, {chain_name(c) for c in chains})
+    del model
+    _free_device(placement)
+    return routed, folder, SampleEncoder(processor, source=source)
 
 
 def _check_servable(model: Any, model_spec: str) -> MoSEConfig:
