@@ -139,9 +139,15 @@ class Experiments:
 class Generation:
     max_new_tokens: int = field(default=16, metadata={"help": "Answer tokens generated per test question."})
     batch_size: int = field(default=32, metadata={"help": "Test questions answered per batch."})
+    engine: Literal["torch", "vllm"] = field(default="torch", metadata={"help":
+        "What generates the answers: torch (mose's own) or vllm (`mose predict --engine vllm`) for "
+        "the methods an exported adapter reproduces (mose_lora); the others answer with torch, and "
+        "each run's result records its engine."})
 
     def __post_init__(self) -> None:
         check_range(self, max_new_tokens=(1, None, True), batch_size=(1, None, True))
+        if self.engine not in ("torch", "vllm"):
+            raise StudyError(f"generation.engine: {self.engine!r} is not torch or vllm")
 
 
 @dataclass

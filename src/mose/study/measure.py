@@ -21,13 +21,13 @@ from mose.data.collate import Collator, SampleEncoder
 from mose.data.schema import atomic_path
 from mose.eval.analysis import SHARED, LayerSimilarity, expert_similarity
 from mose.eval.batching import check_batch_size, is_mose
-from mose.eval.predict import check_skill_labels, eval_mode, partial_path, predict
+from mose.eval.predict import GenerationOptions, check_skill_labels, eval_mode, partial_path, predict
 from mose.eval.predictions import Prediction, read_predictions
 from mose.eval.score import score, write_scores
 from mose.eval.score.common import Pair
 from mose.eval.score.world import routing_agreement
 from mose.layers.blocks import expert_blocks
-from mose.models.device import dtype_str, model_device, model_dtype, to_device
+from mose.models.device import Placement, dtype_str, model_device, model_dtype, to_device
 
 
 def _count(modules: list[nn.Module]) -> int:
@@ -65,6 +65,7 @@ class Evaluation:
     scores: dict[str, Any]  # `score("world", ...)`
     answer_tokens: int  # tokens generated up to and including each answer's end token
     seconds: float  # wall time of the test generation (routing included for MoSE)
+    engine: str = "torch"  # what generated the answers: torch (mose's own) or vllm
 
     @property
     def tokens_per_s(self) -> float:
@@ -73,32 +74,61 @@ class Evaluation:
 
 def evaluate(model: Any, processor: Any, test: list[Sample], test_path: Path, out_dir: Path,
              max_new_tokens: int, batch_size: int = 16, bench: str = "world",
-             judge: dict[str, Any] | None = None, force_skills: bool = False) -> Evaluation:
+             judge: dict[str, Any] | None = None, force_skills: bool = False,
+             vllm_from: Path | None = None) -> Evaluation:
     """Answer the test split (reusing finished predictions) and score it with `bench`'s scorer.
 
     The timing of the run that generated the predictions is kept beside them, with the
     generation settings, so a rerun that reuses them reports the same speed, and answers
     generated with other settings are generated again. `force_skills`: routes forced to
-    each test record's labelled chain (the oracle).
+    each test record's labelled chain (the oracle). `vllm_from`: the model's saved folder, to
+    answer through vLLM (`mose predict --engine vllm`) instead of with `model`.
     """
     predictions, timing = out_dir / "predictions.jsonl", out_dir / "timing.json"
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                **({"force_skills": True} if force_skills else {}), **placement_settings(model)}
+                **({"force_skills": True} if force_skills else {}), **placement_settings(model),
+                **({"engine": "vllm"} if vllm_from is not None else {})}
     times = json.loads(timing.read_text()) if timing.is_file() else {}
     if not predictions.is_file() or times.get("settings") != settings:
         # No timing, or answers generated otherwise: generate them all again, in one timed call
         # (answers resumed from an interrupted call would count tokens this call never timed).
         predictions.unlink(missing_ok=True)
         partial_path(predictions).unlink(missing_ok=True)
-        report = predict(model, processor, test, predictions, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, force_skills=force_skills, source=str(test_path))
+        if vllm_from is not None:
+            from mose.serving.predict import predict_with_vllm
+
+            report = predict_with_vllm(str(vllm_from), test, predictions, placement=model_placement(model),
+                                       batch_size=batch_size, options=GenerationOptions(max_new_tokens),
+                                       progress=False, source=str(test_path))
+        else:
+            report = predict(model, processor, test, predictions, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, force_skills=force_skills, source=str(test_path))
         tokens = answer_tokens(processor, read_predictions(predictions).values())
         times = {"answer_tokens": tokens, "seconds": report.seconds, "settings": settings}
         with atomic_path(timing) as temp:
             temp.write_text(json.dumps(times) + "\n")
     scores = score(bench, predictions, test_path, **(judge or {}))
     write_scores(out_dir / "scores.json", scores)
-    return Evaluation(scores, times["answer_tokens"], times["seconds"])
+    return Evaluation(scores, times["answer_tokens"], times["seconds"], settings.get("engine", "torch"))
+
+
+def engine_serves(model: Any, engine: str, force_skills: bool = False) -> bool:
+    """Whether a study with `generation.engine: vllm` answers this model through vLLM: a MoSE model
+    an adapter reproduces (LoRA experts, no modality groups, routes kept while decoding), routed by
+    its own routers. Every other model answers with mose's own generation."""
+    if engine != "vllm" or force_skills:
+        return False
+    from mose.export import ExportError, check_exportable
+
+    try:
+        cfg = check_exportable(model)
+    except ExportError:
+        return False
+    return cfg.decode_routing == "once"
+
+
+def model_placement(model: Any) -> Placement:
+    return Placement(model_device(model), model_dtype(model))
 
 
 def placement_settings(model: Any) -> dict[str, str]:

@@ -29,7 +29,14 @@ from mose.eval.predictions import read_predictions
 from mose.models.loading import load_for_inference
 from mose.study.config import StudyConfig, StudyError
 from mose.study.data import StudyData
-from mose.study.measure import active_params, diversity, evaluate, routing_on_test, trainable_params
+from mose.study.measure import (
+    active_params,
+    diversity,
+    engine_serves,
+    evaluate,
+    routing_on_test,
+    trainable_params,
+)
 from mose.study.methods import METHODS, final_stage, method_stages
 from mose.train import train
 from mose.train.data import EncodingCache
@@ -141,14 +148,17 @@ def execute(config: StudyConfig, spec: RunSpec, recipe: Recipe, data: StudyData,
     """
     out = run_dir(config, spec)
     stages = train(recipe, resume=True, encodings=encodings)
-    model, processor = load_for_inference(str(out / final_stage(spec.method)), config.placement())
+    final = out / final_stage(spec.method)
+    model, processor = load_for_inference(str(final), config.placement())
     # Scored against its own taxonomy's labels (routing); the levels questions belong to, so the
     # scores by level, are the same under both labels (tests/unit/test_question_skills.py).
     test_path = data.test_for(METHODS[spec.method].question_skills)
     test = list(read_jsonl(test_path))
     forced = METHODS[spec.method].oracle
+    served = engine_serves(model, config.generation.engine, forced)
     evaluation = evaluate(model, processor, test, test_path, out / "eval", config.generation.max_new_tokens,
-                          config.generation.batch_size, config.score, config.judge, force_skills=forced)
+                          config.generation.batch_size, config.score, config.judge, force_skills=forced,
+                          vllm_from=final if served else None)
     predictions = read_predictions(out / "eval" / "predictions.jsonl")
     routing = (routing_on_test(predictions, test, model.mose_config.taxonomy.level_names)
                if is_mose(model) else None)
@@ -158,7 +168,7 @@ def execute(config: StudyConfig, spec: RunSpec, recipe: Recipe, data: StudyData,
               "scores": evaluation.scores, "trainable_params": trainable_params(model),
               "active_params": active_params(model),
               "total_params": sum(p.numel() for p in model.parameters()),
-              "tokens_per_s": round(evaluation.tokens_per_s, 1),
+              "tokens_per_s": round(evaluation.tokens_per_s, 1), "engine": evaluation.engine,
               "router": router_metrics(stages.get("router")), "routing": routing,
               "expert_similarity": None if experts is None else experts.similarity,
               "never_routed_experts": None if experts is None else experts.never_routed,
@@ -182,5 +192,8 @@ def run_settings(config: StudyConfig, recipe: Recipe, spec: RunSpec | None = Non
     # Another judge gives other scores (its retries and workers only decide how it is asked).
     judge = {k: v for k, v in config.judge.items() if k in ("judge_model", "judge_base_url")}
     forced = spec is not None and METHODS[spec.method].oracle  # answers routed by the test labels
-    return {"recipe": recipe.to_dict(), "generation": asdict(config.generation), "score": config.score,
+    generation = asdict(config.generation)
+    if generation["engine"] == "torch":  # as every study before the setting: their runs stay reused
+        del generation["engine"]
+    return {"recipe": recipe.to_dict(), "generation": generation, "score": config.score,
             **({"judge": judge} if judge else {}), **({"test_routes": "labelled"} if forced else {})}
