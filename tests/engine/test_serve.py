@@ -219,8 +219,9 @@ def test_a_slow_backend_is_a_504(setting, lora_mose):
 
 
 def test_mose_serve_starts_its_own_backend(lora_mose, setting):
+    backend_port = free_port()
     process, url = start_mose_serve(lora_mose, setting["tmp"] / "own.log", "--export", str(setting["export"]),
-                                    "--backend-port", str(free_port()), timeout_s=600)
+                                    "--backend-port", str(backend_port), timeout_s=600)
     try:
         sample = served(setting)[0]
         reply = ask(url, request_of(sample)).json()
@@ -229,3 +230,5 @@ def test_mose_serve_starts_its_own_backend(lora_mose, setting):
     finally:
         process.terminate()
         process.wait(60)
+    with pytest.raises(httpx.ConnectError):  # the backend it started stopped with it
+        httpx.get(f"http://127.0.0.1:{backend_port}/health", timeout=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import tempfile
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -46,7 +47,14 @@ def run_server(model_spec: str, *, export: Path | None, backend: str | None, whe
         app = create_app(batcher, Backend(backend, backend_timeout), processor_tokenizer(processor),
                          max_concurrency)
         say(f"mose serve: http://{host}:{port}/v1/chat/completions → {backend}")
+        # uvicorn re-raises the SIGTERM that stopped it after its own shutdown; with the default
+        # action the process would die there and leave the backend it started running.
+        signal.signal(signal.SIGTERM, _exit)
         uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds the ExitStack: the backend mose started stops
 
 
 def processor_tokenizer(processor: Any) -> Any:
