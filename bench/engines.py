@@ -36,7 +36,7 @@ from mose.export import chain_name, export_adapters
 from mose.models.device import Placement, dtype_str
 from mose.models.processor import save_processor
 from mose.models.shapes import shape_model
-from mose.serving.engine import EnginePrompt, VLLMEngine, sampling_params
+from mose.serving.engine import EnginePrompt, VLLMEngine
 from mose.serving.predict import predict_with_vllm
 
 
@@ -117,7 +117,7 @@ def main() -> None:
         encoder = SampleEncoder(processor)
         prompts = [EnginePrompt(encoder.chat_text(s), chain_name(taken[s.id]), load_images(s, "bench"))
                    for s in samples]
-        sampling = sampling_params(args.max_new_tokens, False, 1.0, 1.0, 0)
+        sampling = options.vllm_kwargs()
         engine.generate(prompts, sampling)  # warm-up
         times = []
         for _ in range(args.repeats):

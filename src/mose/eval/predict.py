@@ -81,6 +81,13 @@ class GenerationOptions:
         return dict(max_new_tokens=self.max_new_tokens, do_sample=True,
                     temperature=self.temperature, top_p=self.top_p, top_k=None)
 
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """The same options as `vllm.SamplingParams` arguments (greedy: temperature 0)."""
+        if not self.do_sample:
+            return {"max_tokens": self.max_new_tokens, "temperature": 0.0}
+        return {"max_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "seed": self.seed}
+
 
 class Answerer:
     """Encodes samples as training does, generates a batch, decodes it with its skill chains."""

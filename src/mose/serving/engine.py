@@ -128,10 +128,3 @@ class VLLMEngine:
         outputs = self.llm.generate(requests, SamplingParams(**sampling), lora_request=loras, use_tqdm=False)
         return [list(out.outputs[0].token_ids) for out in outputs]
 
-
-def sampling_params(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                    seed: int) -> dict[str, Any]:
-    """vLLM's sampling arguments for mose's generation options (greedy: temperature 0)."""
-    if not do_sample:
-        return {"max_tokens": max_new_tokens, "temperature": 0.0}
-    return {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}

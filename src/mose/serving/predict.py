@@ -41,7 +41,7 @@ from mose.export import (
 from mose.models.device import Placement, dtype_str
 from mose.models.loading import load_for_inference
 from mose.routing import SkillChain
-from mose.serving.engine import EnginePrompt, VLLMEngine, import_vllm, sampling_params
+from mose.serving.engine import EnginePrompt, VLLMEngine, import_vllm
 
 # Questions per engine call: vLLM batches inside a call, and each call's answers are
 # appended to OUT.partial, so an interrupted run loses at most one call's work.
@@ -73,15 +73,13 @@ def predict_with_vllm(model_spec: str, samples: Sequence[Sample], out_path: str 
         chains = [tuple(c.as_dict().values()) for c in routed]
         engine = VLLMEngine(folder, dtype=dtype_str(placement.dtype), overrides=engine_overrides,
                             max_images=max((len(s.images) for s in todo), default=1))
-        sampling = sampling_params(options.max_new_tokens, options.do_sample, options.temperature,
-                                   options.top_p, options.seed)
         with progress_bar(progress) as bar, log.open() as keep:
             task = bar.add_task("answering (vllm)", total=len(todo))
             for start in range(0, len(todo), ENGINE_CHUNK):
                 rows = range(start, min(start + ENGINE_CHUNK, len(todo)))
                 prompts = [EnginePrompt(encoder.chat_text(todo[i]), chain_name(chains[i]),
                                         load_images(todo[i], source)) for i in rows]
-                tokens = engine.generate(prompts, sampling)
+                tokens = engine.generate(prompts, options.vllm_kwargs())
                 keep([Prediction(todo[i].id, encoder.tokenizer.decode(t, skip_special_tokens=True).strip(),
                                  chain_dict(routed[i])) for i, t in zip(rows, tokens, strict=True)])
                 bar.advance(task, len(rows))

@@ -97,9 +97,14 @@ def evaluate(model: Any, processor: Any, test: list[Sample], test_path: Path, ou
         if vllm_from is not None:
             from mose.serving.predict import predict_with_vllm
 
-            report = predict_with_vllm(str(vllm_from), test, predictions, placement=model_placement(model),
-                                       batch_size=batch_size, options=GenerationOptions(max_new_tokens),
-                                       progress=False, source=str(test_path))
+            placement = model_placement(model)
+            model.to("cpu")  # the engine (and the routing pass it runs) need the device's memory
+            try:
+                report = predict_with_vllm(str(vllm_from), test, predictions, placement=placement,
+                                           batch_size=batch_size, options=GenerationOptions(max_new_tokens),
+                                           progress=False, source=str(test_path))
+            finally:
+                model.to(placement.device)
         else:
             report = predict(model, processor, test, predictions, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, force_skills=force_skills, source=str(test_path))
